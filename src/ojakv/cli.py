@@ -1,0 +1,187 @@
+"""The ``ojakv`` command line: generate with a compressed cache, calibrate bases, list methods.
+
+Every method knob is a flag (``rank_ratio`` -> ``--rank-ratio``), collected from the registered methods' config
+dataclasses, so a new method's knobs appear here without editing this file. A knob the chosen method does not
+have is an error, not silently ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from .atomic import atomic_path
+from .errors import OjaKVError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _knob_fields() -> dict[str, dataclasses.Field]:
+    from .methods import registered
+
+    fields: dict[str, dataclasses.Field] = {}
+    for spec in registered().values():
+        for field in dataclasses.fields(spec.config_class):
+            fields.setdefault(field.name, field)
+    return fields
+
+
+def _knob_type(field: dataclasses.Field):
+    annotation = str(field.type)
+    if "float" in annotation:
+        return float
+    if "int" in annotation:
+        return int
+    return str
+
+
+def _add_knob_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("method knobs (see `ojakv methods` for which method has which)")
+    for name, field in _knob_fields().items():
+        help_text = field.metadata.get("help", "")
+        group.add_argument(f"--{name.replace('_', '-')}", dest=f"knob_{name}", type=_knob_type(field),
+                           default=None, help=f"{help_text} (default {field.default})")
+
+
+def _given_knobs(args: argparse.Namespace) -> dict:
+    return {k[len("knob_"):]: v for k, v in vars(args).items() if k.startswith("knob_") and v is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ojakv", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text with a compressed KV cache and report its memory")
+    gen.add_argument("--model", default=DEFAULT_MODEL, help="embedded model name, local HF folder or hub id")
+    gen.add_argument("--method", default="ojakv", help="compression method (`ojakv methods` lists them)")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="prompt text")
+    source.add_argument("--prompt-file", type=Path, help="file holding the prompt text")
+    source.add_argument("--passkey", type=int, metavar="TOKENS",
+                        help="a built-in pass-key retrieval prompt of about this many tokens")
+    gen.add_argument("--raw", action="store_true", help="do not wrap the prompt in the model's chat template")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--seed", type=int, default=0, help="seed for the pass-key prompt")
+    gen.add_argument("--json", type=Path, dest="json_out", help="write completion, config and memory here")
+    _add_knob_flags(gen)
+
+    cal = sub.add_parser("calibrate", help="fit per-layer, per-head PCA bases on calibration text")
+    cal.add_argument("--model", default=DEFAULT_MODEL)
+    cal.add_argument("--text-file", type=Path, help="calibration text (default: the essays' calibration split)")
+    cal.add_argument("--max-tokens", type=int, default=16384)
+    cal.add_argument("--chunk-tokens", type=int, default=2048)
+    cal.add_argument("--out", type=Path, help="output .safetensors (default: the cache folder, used automatically)")
+
+    sub.add_parser("methods", help="list the compression methods and their knobs")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"generate": _generate, "calibrate": _calibrate, "methods": _methods}[args.command](args)
+    except OjaKVError as exc:
+        print(f"ojakv: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ojakv: interrupted", file=sys.stderr)
+        return 130
+
+
+def _methods(args) -> int:
+    from .api import methods
+
+    for name, info in methods().items():
+        print(f"{name}: {info['summary']}" + (f"  [{info['reference']}]" if info["reference"] else ""))
+        for knob in info["knobs"]:
+            print(f"    --{knob['name'].replace('_', '-'):<20} {knob['help']} (default {knob['default']})")
+    return 0
+
+
+def _calibrate(args) -> int:
+    from .calibration import calibrate
+    from .models import load_model
+
+    text = _read_text(args.text_file) if args.text_file else None
+    model, tokenizer = load_model(args.model)
+    path = calibrate(model, tokenizer, text, chunk_tokens=args.chunk_tokens, max_tokens=args.max_tokens,
+                     path=args.out)
+    print(f"calibration written to {path}")
+    return 0
+
+
+def _read_text(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise OjaKVError(f"cannot read {path} as UTF-8 text ({exc.__class__.__name__}): give a readable text file")
+    if not text.strip():
+        raise OjaKVError(f"{path} is empty: give a file with text in it")
+    return text
+
+
+def _generate(args) -> int:
+    import torch
+
+    from .api import make_cache
+    from .methods import get_method
+    from .models import geometry, load_model
+
+    spec = get_method(args.method)
+    knobs = _given_knobs(args)
+    spec.make_config(**knobs)  # validate before the model loads: bad input fails fast
+    if args.max_new_tokens < 1:
+        raise OjaKVError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    model, tokenizer = load_model(args.model)
+    prompt, expected = _prompt_text(args, tokenizer)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    n_prompt = ids.input_ids.shape[1]
+    limit = geometry(model).max_context
+    if n_prompt + args.max_new_tokens > limit:
+        raise OjaKVError(f"prompt ({n_prompt} tokens) + {args.max_new_tokens} new tokens exceed the model's "
+                         f"context of {limit}: shorten the prompt or lower --max-new-tokens")
+    cache = make_cache(model, args.method, **knobs)
+    with torch.no_grad():
+        out = model.generate(**ids, past_key_values=cache, max_new_tokens=args.max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    completion = tokenizer.decode(out[0, n_prompt:], skip_special_tokens=True)
+    report = cache.memory()
+    print(completion)
+    if expected is not None:
+        print(f"\n[pass key expected: {expected}; found: {'yes' if expected in completion else 'no'}]")
+    print(f"\nKV cache after {cache.get_seq_length()} tokens, method {args.method}:")
+    print(report.table())
+    if args.json_out:
+        record = {"completion": completion, "method": args.method, "model": args.model,
+                  "config": cache.config, "prompt_tokens": n_prompt, "memory": report.to_dict()}
+        if expected is not None:
+            record["expected"] = expected
+            record["correct"] = expected in completion
+        _write_json(args.json_out, record)
+    return 0
+
+
+def _prompt_text(args, tokenizer) -> tuple[str, str | None]:
+    from .data import chat_prompt, passkey_prompt
+
+    if args.passkey is not None:
+        if args.passkey < 64:
+            raise OjaKVError(f"--passkey needs at least 64 tokens, got {args.passkey}")
+        prompt, answer = passkey_prompt(tokenizer, args.passkey, seed=args.seed, chat=not args.raw)
+        return prompt, answer
+    text = args.prompt if args.prompt is not None else _read_text(args.prompt_file)
+    if not text.strip():
+        raise OjaKVError("the prompt is empty: give --prompt TEXT or a non-empty --prompt-file")
+    return (text if args.raw else chat_prompt(tokenizer, text)), None
+
+
+def _write_json(path: Path, record: dict) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

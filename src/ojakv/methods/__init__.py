@@ -1,0 +1,78 @@
+"""Registry of compression methods: each method is one module that registers a ``Method`` by name.
+
+A method declares its knobs as a dataclass (names, defaults and a one-line help each, used by the CLI and by
+``ojakv.methods()``) and builds one cache layer per decoder layer. Adding a method means one new module here that
+calls ``register`` and one import line at the bottom of this file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..errors import OjaKVError
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered compression method.
+
+    ``build(model, config)`` returns ``(layer_factory, track_positions)``: a callable ``(layer_idx, shared) ->
+    CacheLayer`` and whether the layers need token positions stored (to re-apply RoPE at reconstruction).
+    """
+
+    name: str
+    summary: str
+    config_class: type
+    build: Callable[[Any, Any], tuple[Callable, bool]]
+    reference: str = ""
+
+    def knobs(self) -> list[dict]:
+        return [
+            {"name": f.name, "default": f.default, "help": f.metadata.get("help", "")}
+            for f in dataclasses.fields(self.config_class)
+        ]
+
+    def make_config(self, **knobs):
+        known = {f.name for f in dataclasses.fields(self.config_class)}
+        unknown = sorted(set(knobs) - known)
+        if unknown:
+            raise OjaKVError(
+                f"method {self.name!r} has no knob {', '.join(unknown)}; its knobs are: {', '.join(sorted(known))}"
+            )
+        config = self.config_class(**knobs)
+        validate = getattr(config, "validate", None)
+        if validate is not None:
+            validate()
+        return config
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.name in _REGISTRY:
+        raise ValueError(f"method {method.name!r} is registered twice")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise OjaKVError(f"unknown method {name!r}: choose one of {', '.join(sorted(_REGISTRY))}") from None
+
+
+def registered() -> dict[str, Method]:
+    return dict(_REGISTRY)
+
+
+def knob(default, help: str):
+    """A config field with a help string (shown by ``ojakv methods`` and the CLI)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+# Registration happens on import; keep this list in the order the README's method table uses.
+from . import full, ojakv  # noqa: E402,F401

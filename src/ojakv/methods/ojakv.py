@@ -1,0 +1,357 @@
+"""``ojakv`` and ``ojakv-pf``: hybrid full-rank anchors + a low-rank body in per-head subspaces adapted by Oja's rule.
+
+Per layer and KV head (and per sequence of the batch, so one prompt never shapes another's basis) there is one
+orthonormal basis for keys and one for values. Token layout in cache order:
+
+    anchors (first n_sink real tokens, full) | body (coefficients Uᵀx) | window (last n_recent, full)
+
+With ``policy="residual"`` some body tokens also keep their exact keys and values: the ones whose low-rank error
+would change attention scores most (|qᵀ(k − k̂)| over recent queries).
+
+Bases start from an offline PCA (``ojakv calibrate``) or from the prompt's own PCA, get one "comprehensive" Oja
+step on the prompt at prefill, then a light step every ``update_interval`` decoded tokens from running statistics
+(Σ x xᵀU, d×r per head: no token buffer is kept). When a basis changes, stored coefficients are re-expressed
+(c ← c·U_oldᵀU_new, the orthogonal projection of what they encoded onto the new subspace), so every coefficient
+always belongs to the current basis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..cache import AttentionInputs, CacheLayer, SharedState, StepInputs, growable_segments
+from ..errors import OjaKVError
+from ..memory import nbytes
+from ..models import compute_queries
+from ..rope import apply_rope, undo_rope
+from ..storage import GrowableTensor
+from ..subspace import change_of_basis, covariance, oja_step, pca_basis, rank_for_energy
+from . import Method, knob, register
+
+KEY_MODES = ("pre_rope", "post_rope")
+POLICIES = ("positional", "residual")
+INITS = ("calibration", "prompt")
+
+
+@dataclass
+class OjaKVConfig:
+    rank_ratio: float | None = knob(None, "rank r = round(ratio * head_dim) for keys and values (0.5 if no energy)")
+    energy: float | None = knob(None, "instead of rank_ratio: smallest rank holding this spectral energy (e.g. 0.99)")
+    key_mode: str = knob("pre_rope", "compress keys before RoPE (pre_rope) or as cached (post_rope)")
+    policy: str = knob("positional", "full-rank tokens: positional (sinks + window) or residual (+ top residual)")
+    n_sink: int = knob(32, "first real tokens kept at full rank")
+    n_recent: int = knob(32, "most recent tokens kept at full rank")
+    n_residual: int = knob(32, "residual policy: body tokens per KV head kept exact")
+    query_window: int = knob(32, "residual policy: recent prompt queries that weigh the residual")
+    init: str = knob("calibration", "initial basis: calibration (offline PCA) or prompt (PCA of the prompt)")
+    eta_prefill: float = knob(0.1, "Oja step on the prompt (relative to the top eigenvalue; 0 = static basis)")
+    eta_decode: float = knob(0.05, "Oja step every update_interval decoded tokens (0 = no decode updates)")
+    update_interval: int = knob(64, "decoded tokens between Oja updates (T)")
+    prefill_attention: str = knob("compressed", "prefill attends to compressed K/V, or full (the -pf variant)")
+    calibration_file: str | None = knob(None, "calibration .safetensors (default: the cached one for the model)")
+
+    def __post_init__(self) -> None:
+        if self.rank_ratio is None and self.energy is None:
+            self.rank_ratio = 0.5
+
+    def validate(self) -> None:
+        if self.rank_ratio is not None and self.energy is not None:
+            raise OjaKVError("give one of rank_ratio (e.g. 0.5) or energy (e.g. 0.99), not both")
+        if self.rank_ratio is not None and not 0.0 < self.rank_ratio <= 1.0:
+            raise OjaKVError(f"rank_ratio must be in (0, 1], got {self.rank_ratio}: e.g. --rank-ratio 0.5")
+        if self.energy is not None and not 0.0 < self.energy <= 1.0:
+            raise OjaKVError(f"energy must be in (0, 1], got {self.energy}: e.g. --energy 0.99")
+        _check_choice("key_mode", self.key_mode, KEY_MODES)
+        _check_choice("policy", self.policy, POLICIES)
+        _check_choice("init", self.init, INITS)
+        _check_choice("prefill_attention", self.prefill_attention, ("compressed", "full"))
+        for name in ("n_sink", "n_recent", "n_residual"):
+            if getattr(self, name) < 0:
+                raise OjaKVError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.query_window < 1 or self.update_interval < 1:
+            raise OjaKVError("query_window and update_interval must be >= 1")
+        for name in ("eta_prefill", "eta_decode"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise OjaKVError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.energy is not None and self.init == "prompt":
+            raise OjaKVError("energy-based ranks need a calibration: use init='calibration' or give rank_ratio")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise OjaKVError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def ranks_for(config: OjaKVConfig, head_dim: int, eigvals_k=None, eigvals_v=None) -> tuple[int, int]:
+    """(r_k, r_v) for one layer: from the ratio, or from calibration eigenvalues [h, d] and the energy target."""
+    if config.rank_ratio is not None:
+        r = max(1, min(head_dim, round(config.rank_ratio * head_dim)))
+        return r, r
+    return rank_for_energy(eigvals_k, config.energy), rank_for_energy(eigvals_v, config.energy)
+
+
+class OjaKVLayer(CacheLayer):
+    """One decoder layer's hybrid low-rank storage (see the module docstring for the layout)."""
+
+    def __init__(self, layer_idx: int, shared: SharedState, config: OjaKVConfig, ranks, init_bases=None):
+        super().__init__(layer_idx, shared)
+        self.config = config
+        self.rank_k, self.rank_v = ranks
+        self.init_bases = init_bases  # (U_k [h, d, d'], U_v [h, d, d']) from calibration, or None
+        self.needs_positions = config.key_mode == "pre_rope"
+        self.k_sink = self.v_sink = self.k_win = self.v_win = None
+        self.sink_target = 0
+        self.k_coef, self.v_coef = GrowableTensor(), GrowableTensor()
+        self.u_k = self.u_v = None  # [b, h, d, r] float32
+        self.stat_k = self.stat_v = None  # Σ x xᵀ U since the last update, [b, h, d, r] float32
+        self.pending = 0
+        # residual policy: exact rows for selected body tokens, their body index and score
+        self.k_exact = self.v_exact = self.exact_idx = self.exact_score = None
+
+    # --- update ---------------------------------------------------------------------------------------------
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        attention = self.take_attention_inputs()
+        batch, _, q, _ = key_states.shape
+        step = self.step_inputs(batch, q, key_states.device)
+        if self.seen == 0:
+            out = self._prefill(key_states, value_states, step, attention)
+        else:
+            self._append(key_states, value_states, step, attention)
+            out = self._materialize()
+        self.seen += q
+        return out
+
+    def _key_features(self, keys: torch.Tensor, positions: torch.Tensor, attention=None) -> torch.Tensor:
+        """Keys in the space the key basis lives in (float32): pre-RoPE (RoPE undone) or as cached."""
+        if self.config.key_mode == "post_rope":
+            return keys.float()
+        if attention is not None and attention.cos.shape[1] == keys.shape[2]:
+            cos, sin = attention.cos, attention.sin
+        else:
+            cos, sin = self.shared.rope_angles(positions)
+        return undo_rope(keys.float(), cos.float(), sin.float())
+
+    def _prefill(self, keys, values, step: StepInputs, attention: AttentionInputs | None):
+        n = keys.shape[2]
+        padding = int((~step.valid).sum(-1).max())
+        sink = min(n, self.config.n_sink + padding)
+        window = min(n - sink, self.config.n_recent)
+        body = n - sink - window
+        self.sink_target = sink
+        features_k = self._key_features(keys, step.positions, attention)
+        features_v = values.float()
+        weight = step.valid.clone()
+        weight[:, :sink] = False  # sinks and padding carry outlier activations: keep them out of the bases
+        weight = weight.unsqueeze(1).expand(-1, keys.shape[1], -1)
+        self.u_k = self._initial_basis(features_k, weight, self.rank_k, 0)
+        self.u_v = self._initial_basis(features_v, weight, self.rank_v, 1)
+        self.init_bases = None  # views of the calibration tensors: drop them so they are not held
+        self.stat_k = torch.zeros_like(self.u_k)
+        self.stat_v = torch.zeros_like(self.u_v)
+        self.k_sink, self.v_sink = keys[:, :, :sink].clone(), values[:, :, :sink].clone()
+        self.k_win, self.v_win = keys[:, :, n - window :].clone(), values[:, :, n - window :].clone()
+        if body:
+            span = slice(sink, sink + body)
+            self.k_coef.append((features_k[:, :, span] @ self.u_k).to(self.dtype))
+            self.v_coef.append((features_v[:, :, span] @ self.u_v).to(self.dtype))
+            if self.config.policy == "residual":
+                self._select_exact(keys[:, :, span], values[:, :, span], 0, attention, step)
+        if self.config.prefill_attention == "full":
+            return keys, values
+        return self._materialize()
+
+    def _initial_basis(self, features, weight, rank: int, which: int) -> torch.Tensor:
+        cov, _ = covariance(features, weight)
+        if self.config.init == "prompt":
+            return pca_basis(cov, rank)
+        start = self.init_bases[which][..., :rank].to(features.device).float()
+        basis = start.unsqueeze(0).expand(features.shape[0], -1, -1, -1).contiguous()
+        if self.config.eta_prefill > 0:
+            basis = oja_step(basis, cov @ basis, self.config.eta_prefill)
+        return basis
+
+    def _append(self, keys, values, step: StepInputs, attention: AttentionInputs | None) -> None:
+        """New tokens (decode, or a later prefill chunk): statistics, sink top-up, window, overflow into body."""
+        features_k = self._key_features(keys, step.positions, attention)
+        weight = step.valid.unsqueeze(1).unsqueeze(-1).float()
+        self.stat_k += (features_k * weight).transpose(-1, -2) @ (features_k @ self.u_k)
+        features_v = values.float() * weight
+        self.stat_v += features_v.transpose(-1, -2) @ (features_v @ self.u_v)
+        room = self.sink_target - self.k_sink.shape[2]
+        if room > 0:
+            take = min(room, keys.shape[2])
+            self.k_sink = torch.cat([self.k_sink, keys[:, :, :take]], dim=2)
+            self.v_sink = torch.cat([self.v_sink, values[:, :, :take]], dim=2)
+            keys, values = keys[:, :, take:], values[:, :, take:]
+        self.k_win = torch.cat([self.k_win, keys], dim=2)
+        self.v_win = torch.cat([self.v_win, values], dim=2)
+        overflow = self.k_win.shape[2] - self.config.n_recent
+        if overflow > 0:
+            self._move_to_body(overflow, attention)
+        self.pending += step.valid.shape[1]
+        if self.pending >= self.config.update_interval:
+            self._oja_update()
+
+    def _move_to_body(self, count: int, attention: AttentionInputs | None) -> None:
+        keys, values = self.k_win[:, :, :count], self.v_win[:, :, :count]
+        start = self.k_sink.shape[2] + self.k_coef.length
+        positions = self._positions(start, count)
+        features_k = self._key_features(keys, positions)
+        body_start = self.k_coef.length
+        self.k_coef.append((features_k @ self.u_k).to(self.dtype))
+        self.v_coef.append((values.float() @ self.u_v).to(self.dtype))
+        if self.config.policy == "residual":
+            self._select_exact(keys, values, body_start, attention, None)
+        self.k_win, self.v_win = self.k_win[:, :, count:].clone(), self.v_win[:, :, count:].clone()
+
+    def _positions(self, start: int, count: int) -> torch.Tensor | None:
+        if self.config.key_mode == "post_rope":
+            return None
+        stored = self.shared.positions
+        if stored is None or stored.length < start + count:
+            raise OjaKVError("pre_rope keys need token positions: build the cache with ojakv.make_cache(model, ...)")
+        return stored.view[:, start : start + count].long()
+
+    def _oja_update(self) -> None:
+        """Light periodic update from the running statistics, then re-express stored coefficients."""
+        eta = self.config.eta_decode
+        if eta > 0:
+            self.u_k = self._rebase(self.k_coef, self.u_k, oja_step(self.u_k, self.stat_k, eta))
+            self.u_v = self._rebase(self.v_coef, self.u_v, oja_step(self.u_v, self.stat_v, eta))
+        self.stat_k.zero_()
+        self.stat_v.zero_()
+        self.pending = 0
+
+    def _rebase(self, coef: GrowableTensor, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        change = change_of_basis(old, new)
+        coef.apply_(lambda c: (c.float() @ change).to(c.dtype))
+        return new
+
+    # --- residual policy ------------------------------------------------------------------------------------
+    def _select_exact(self, keys, values, body_start: int, attention, step) -> None:
+        """Keep exact K/V for the body tokens with the largest query-weighted key residual |qᵀ(k − k̂)|."""
+        if attention is None:
+            raise OjaKVError("the residual policy needs the model's queries: build the cache with ojakv.make_cache")
+        count = keys.shape[2]
+        positions = self._positions(self.k_sink.shape[2] + body_start, count)
+        reconstructed = self._reconstruct_keys(self.k_coef.view[:, :, body_start : body_start + count], positions)
+        residual = keys.float() - reconstructed.float()
+        scores = _residual_scores(self._recent_queries(attention, step), residual)
+        idx = torch.arange(body_start, body_start + count, device=keys.device).expand_as(scores)
+        if self.k_exact is not None:
+            keys = torch.cat([self.k_exact, keys], dim=2)
+            values = torch.cat([self.v_exact, values], dim=2)
+            scores = torch.cat([self.exact_score, scores], dim=2)
+            idx = torch.cat([self.exact_idx, idx], dim=2)
+        keep = min(self.config.n_residual, scores.shape[2])
+        top = scores.topk(keep, dim=2).indices
+        rows = top.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
+        self.k_exact, self.v_exact = keys.gather(2, rows), values.gather(2, rows)
+        self.exact_score, self.exact_idx = scores.gather(2, top), idx.gather(2, top)
+
+    def _recent_queries(self, attention: AttentionInputs, step) -> torch.Tensor:
+        """Post-RoPE queries of the last ``query_window`` real tokens of this call, [b, H, w, d]."""
+        w = min(self.config.query_window, attention.hidden_states.shape[1])
+        queries = compute_queries(
+            attention.module, attention.hidden_states[:, -w:], attention.cos[:, -w:], attention.sin[:, -w:]
+        ).float()
+        if step is not None:
+            queries = queries * step.valid[:, None, -w:, None].float()
+        return queries
+
+    # --- reconstruction ---------------------------------------------------------------------------------------
+    def _reconstruct_keys(self, coef: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        keys = coef.float() @ self.u_k.transpose(-1, -2)
+        if positions is not None:
+            cos, sin = self.shared.rope_angles(positions)
+            keys = apply_rope(keys, cos, sin)
+        return keys.to(self.dtype)
+
+    def _materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-size K/V of this layer for standard attention; a temporary freed once the layer has attended."""
+        body = self.k_coef.length
+        keys, values = [self.k_sink], [self.v_sink]
+        if body:
+            positions = self._positions(self.k_sink.shape[2], body)
+            body_keys = self._reconstruct_keys(self.k_coef.view, positions)
+            body_values = (self.v_coef.view.float() @ self.u_v.transpose(-1, -2)).to(self.dtype)
+            if self.k_exact is not None:
+                rows = self.exact_idx.unsqueeze(-1).expand(-1, -1, -1, body_keys.shape[-1])
+                body_keys.scatter_(2, rows, self.k_exact)
+                body_values.scatter_(2, rows, self.v_exact)
+            keys.append(body_keys)
+            values.append(body_values)
+        keys.append(self.k_win)
+        values.append(self.v_win)
+        return torch.cat(keys, dim=2), torch.cat(values, dim=2)
+
+    # --- accounting -------------------------------------------------------------------------------------------
+    def segments(self) -> dict[str, int]:
+        return {
+            "anchors": nbytes(self.k_sink, self.v_sink),
+            "window": nbytes(self.k_win, self.v_win),
+            **growable_segments(body=(self.k_coef, self.v_coef)),
+            "residual_tokens": nbytes(self.k_exact, self.v_exact, self.exact_idx, self.exact_score),
+            "bases": nbytes(self.u_k, self.u_v),
+            "oja_state": nbytes(self.stat_k, self.stat_v),
+        }
+
+
+def _residual_scores(queries: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """Mean |qᵀr| over the queries of each KV head's group: [b, h, n]. GQA-aware (no repeated KV heads)."""
+    b, heads, w, d = queries.shape
+    kv_heads = residual.shape[1]
+    grouped = queries.reshape(b, kv_heads, heads // kv_heads * w, d)
+    return (grouped @ residual.transpose(-1, -2)).abs().mean(2)
+
+
+def _build(model, config: OjaKVConfig):
+    from ..calibration import load_calibration
+    from ..models import geometry
+
+    head_dim = geometry(model).head_dim
+    calibration = None
+    if config.init == "calibration":
+        calibration = load_calibration(model, config.calibration_file)
+    key_name = "k_pre" if config.key_mode == "pre_rope" else "k_post"
+
+    def factory(layer_idx: int, shared: SharedState) -> OjaKVLayer:
+        if calibration is None:
+            return OjaKVLayer(layer_idx, shared, config, ranks_for(config, head_dim))
+        vals_k, vecs_k = calibration.layer(key_name, layer_idx)
+        vals_v, vecs_v = calibration.layer("v", layer_idx)
+        ranks = ranks_for(config, head_dim, vals_k, vals_v)
+        return OjaKVLayer(layer_idx, shared, config, ranks, (vecs_k, vecs_v))
+
+    return factory, config.key_mode == "pre_rope"
+
+
+register(
+    Method(
+        name="ojakv",
+        summary="hybrid anchors + low-rank body in per-head subspaces adapted online by Oja's rule",
+        config_class=OjaKVConfig,
+        build=_build,
+        reference="Zhu et al., OjaKV, arXiv 2509.21623",
+    )
+)
+
+
+@dataclass
+class OjaKVPFConfig(OjaKVConfig):
+    prefill_attention: str = knob("full", "prefill attends to full K/V; compression applies from decoding on")
+
+
+register(
+    Method(
+        name="ojakv-pf",
+        summary="OjaKV with full-precision prefill attention (compression from decoding on)",
+        config_class=OjaKVPFConfig,
+        build=_build,
+        reference="Zhu et al., OjaKV, arXiv 2509.21623",
+    )
+)

@@ -1,0 +1,73 @@
+"""Token-indexed tensors that grow by amortised appends instead of a full concatenation per decode step."""
+
+from __future__ import annotations
+
+import torch
+
+GROWTH = 1.125  # capacity grows geometrically (amortised O(1) appends) while keeping slack at most 12.5%
+MIN_GROWTH = 16  # tokens
+
+
+class GrowableTensor:
+    """A tensor ``[*lead, n, *tail]`` that grows along dimension ``dim`` (the token axis).
+
+    ``view`` is the live part; ``nbytes`` is the allocated storage, slack included, because that is what the
+    process really holds (memory reports show the slack as its own segment). The first append allocates exactly
+    what it is given, so a prefill is not padded.
+    """
+
+    def __init__(self, dim: int = 2):
+        self.dim = dim
+        self._data: torch.Tensor | None = None
+        self.length = 0
+
+    @property
+    def view(self) -> torch.Tensor | None:
+        if self._data is None:
+            return None
+        return self._data.narrow(self.dim, 0, self.length)
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self._data is None else self._data.shape[self.dim]
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self._data is None else self._data.numel() * self._data.element_size()
+
+    @property
+    def used_bytes(self) -> int:
+        view = self.view
+        return 0 if view is None else view.numel() * view.element_size()
+
+    def append(self, x: torch.Tensor) -> None:
+        n = x.shape[self.dim]
+        if self._data is None:
+            self._data = x.contiguous().clone()
+            self.length = n
+            return
+        if self.length + n > self.capacity:
+            self._grow(self.length + n)
+        self._data.narrow(self.dim, self.length, n).copy_(x)
+        self.length += n
+
+    def _grow(self, needed: int) -> None:
+        new_capacity = max(needed, int(self.capacity * GROWTH), self.capacity + MIN_GROWTH)
+        shape = list(self._data.shape)
+        shape[self.dim] = new_capacity
+        grown = self._data.new_empty(shape)
+        grown.narrow(self.dim, 0, self.length).copy_(self.view)
+        self._data = grown
+
+    def apply_(self, fn) -> None:
+        """Replace the live part by ``fn(view)`` (same token count), e.g. to re-express coefficients."""
+        if self._data is not None and self.length:
+            self._data.narrow(self.dim, 0, self.length).copy_(fn(self.view))
+
+    def select_batch(self, indices: torch.Tensor) -> None:
+        if self._data is not None:
+            self._data = self._data.index_select(0, indices.to(self._data.device))
+
+    def clear(self) -> None:
+        self._data = None
+        self.length = 0
