@@ -152,24 +152,30 @@ def growable_segments(**groups: tuple[GrowableTensor, ...]) -> dict[str, int]:
 
 
 class FullLayer(CacheLayer):
-    """Every key and value at full precision, stored in growable buffers: the reference the others are held to."""
+    """Every key and value at full precision, stored exactly as ``transformers.DynamicCache`` stores them.
+
+    It is the baseline users have today, so it keeps DynamicCache's storage policy too (one exact-size tensor,
+    re-concatenated per step): its memory and speed are the reference, not an improved full cache.
+    """
 
     def __init__(self, layer_idx: int, shared: SharedState):
         super().__init__(layer_idx, shared)
-        self.keys_buf = GrowableTensor()
-        self.values_buf = GrowableTensor()
+        self.keys = self.values = None
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.take_attention_inputs()
-        self.keys_buf.append(key_states)
-        self.values_buf.append(value_states)
+        if self.keys is None:
+            self.keys, self.values = key_states, value_states
+        else:
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
         self.seen += key_states.shape[-2]
-        return self.keys_buf.view, self.values_buf.view
+        return self.keys, self.values
 
     def segments(self) -> dict[str, int]:
-        return growable_segments(full=(self.keys_buf, self.values_buf))
+        return {"full": nbytes(self.keys, self.values)}
 
 
 class CompressedCache(Cache):

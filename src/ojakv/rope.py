@@ -1,4 +1,8 @@
-"""Rotary position embedding applied and undone on cached keys (for keys compressed before RoPE)."""
+"""Rotary position embedding applied and undone on cached keys (for keys compressed before RoPE).
+
+Angles come as HF passes them: ``cos``/``sin`` of shape [b, n, rotary_dim] in the half-split layout. When
+``rotary_dim`` is smaller than the head size (partial rotary, e.g. Phi-3 variants) the trailing dims pass through.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +14,20 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [b, h, n, d] by angles given as ``cos``/``sin`` [b, n, d] (HF's half-split layout)."""
+def _split(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
-    return x * cos + rotate_half(x) * sin
+    rotary_dim = cos.shape[-1]
+    return x[..., :rotary_dim], x[..., rotary_dim:], cos, sin
+
+
+def _join(rotated: torch.Tensor, passed: torch.Tensor) -> torch.Tensor:
+    return torch.cat((rotated, passed), dim=-1) if passed.shape[-1] else rotated
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [b, h, n, d] by the given angles."""
+    rotated, passed, cos, sin = _split(x, cos, sin)
+    return _join(rotated * cos + rotate_half(rotated) * sin, passed)
 
 
 def undo_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -22,5 +36,5 @@ def undo_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     Some RoPE variants scale cos and sin by a constant (YaRN's attention factor), so the division by
     cos² + sin² keeps the inverse exact for them too.
     """
-    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
-    return (x * cos - rotate_half(x) * sin) / (cos * cos + sin * sin)
+    rotated, passed, cos, sin = _split(x, cos, sin)
+    return _join((rotated * cos - rotate_half(rotated) * sin) / (cos * cos + sin * sin), passed)

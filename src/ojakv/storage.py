@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 
-GROWTH = 1.125  # capacity grows geometrically (amortised O(1) appends) while keeping slack at most 12.5%
-MIN_GROWTH = 16  # tokens
+# Capacity grows geometrically, so appends stay amortised O(1), by a small factor, so that spare capacity
+# (reported as growth slack) stays within max(MIN_GROWTH tokens, 3%) of what is stored.
+GROWTH = 1.03
+MIN_GROWTH = 64  # tokens
 
 
 class GrowableTensor:

