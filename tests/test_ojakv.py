@@ -163,7 +163,9 @@ def test_calibration_init_round_trip_and_mismatch_is_refused(tiny, tmp_path):
     [
         (dict(rank_ratio=0.0), "rank_ratio must be in"),
         (dict(rank_ratio=1.5), "rank_ratio must be in"),
-        (dict(rank_ratio=0.5, energy=0.9), "not both"),
+        (dict(rank_ratio=0.5, energy=0.9), "not rank_ratio and energy"),
+        (dict(rank=0), "rank must be at least 1"),
+        (dict(rank=17), "exceeds this model's head_dim 16"),
         (dict(key_mode="sideways"), "key_mode must be one of"),
         (dict(n_sink=-1), "n_sink must be"),
         (dict(colour="red"), "has no knob colour"),

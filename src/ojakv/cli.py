@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompt-file", type=Path, help="file holding the prompt text")
     source.add_argument("--passkey", type=int, metavar="TOKENS",
                         help="a built-in pass-key retrieval prompt of about this many tokens")
-    gen.add_argument("--raw", action="store_true", help="do not wrap the prompt in the model's chat template")
+    gen.add_argument("--raw", action="store_true",
+                     help="do not wrap --prompt/--prompt-file in the model's chat template (pass-key prompts are plain)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--seed", type=int, default=0, help="seed for the pass-key prompt")
     gen.add_argument("--json", type=Path, dest="json_out", help="write completion, config and memory here")
@@ -135,8 +136,9 @@ def _generate(args) -> int:
     spec.make_config(**knobs)  # validate before the model loads: bad input fails fast
     if args.max_new_tokens < 1:
         raise OjaKVError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    text = _user_text(args)  # read and checked before the model loads: bad input fails fast
     model, tokenizer = load_model(args.model)
-    prompt, expected = _prompt_text(args, tokenizer)
+    prompt, expected = _prompt_text(args, text, tokenizer)
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     n_prompt = ids.input_ids.shape[1]
     limit = geometry(model).max_context
@@ -164,17 +166,23 @@ def _generate(args) -> int:
     return 0
 
 
-def _prompt_text(args, tokenizer) -> tuple[str, str | None]:
-    from .data import chat_prompt, passkey_prompt
-
+def _user_text(args) -> str | None:
     if args.passkey is not None:
         if args.passkey < 64:
             raise OjaKVError(f"--passkey needs at least 64 tokens, got {args.passkey}")
-        prompt, answer = passkey_prompt(tokenizer, args.passkey, seed=args.seed, chat=not args.raw)
-        return prompt, answer
+        return None
     text = args.prompt if args.prompt is not None else _read_text(args.prompt_file)
     if not text.strip():
         raise OjaKVError("the prompt is empty: give --prompt TEXT or a non-empty --prompt-file")
+    return text
+
+
+def _prompt_text(args, text: str | None, tokenizer) -> tuple[str, str | None]:
+    """The prompt as the model sees it, and the expected answer for built-in pass-key prompts."""
+    from .data import chat_prompt, passkey_prompt
+
+    if text is None:
+        return passkey_prompt(tokenizer, args.passkey, seed=args.seed)
     return (text if args.raw else chat_prompt(tokenizer, text)), None
 
 

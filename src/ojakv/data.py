@@ -20,10 +20,6 @@ SPLITS = ("calibration", "eval", "all")
 CALIBRATION_EVERY = 4  # sorted essay i goes to calibration when i % 4 == 0 (13 of 49), the rest to eval
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-INTRO = (
-    "There is an important info hidden inside a lot of irrelevant text. "
-    "Find it and memorize it. I will quiz you about the important info there."
-)
 NEEDLE = "The pass key is {passkey}. Remember it. {passkey} is the pass key."
 QUESTION = "What is the pass key?"
 ANSWER_START = "The pass key is"
@@ -135,7 +131,10 @@ def _insert_at_depth(haystack: str, needle: str, depth: float) -> tuple[str, str
 
 def _frame(tokenizer, haystack: str, needle: str, depth: float, chat: bool) -> str:
     before, after = _insert_at_depth(haystack, needle, depth)
-    body = " ".join(part for part in (INTRO, before, needle, after) if part)
+    # Measured on SmolLM2-135M at 3K tokens with the full cache (9 prompts each): the needle as a paragraph of its
+    # own is found 9/9, the same sentence inline in the filler 0/9; the classic "There is an important info
+    # hidden..." intro line also made it miss from ~1.1K tokens on, so there is none.
+    body = "\n\n".join(part for part in (before, needle, after) if part)
     if chat:
         return chat_prompt(tokenizer, f"{body}\n\n{QUESTION}") + ANSWER_START
     return f"{body}\n\n{QUESTION} {ANSWER_START}"
@@ -153,9 +152,9 @@ def passkey_prompt(
 ) -> tuple[str, str]:
     """A pass-key retrieval prompt of about n_tokens tokens (within 2%) and the answer it asks for.
 
-    The needle sits at relative `depth` of the filler (0 = right after the instructions, 1 = just before the
-    question). With `chat`, filler, needle and question form one user turn and the assistant's answer starts
-    with "The pass key is", which small instruct models follow far more reliably than a bare continuation.
+    The needle sits at relative `depth` of the filler (0 = at the start, 1 = just before the question). The
+    plain form ends with "What is the pass key? The pass key is" for the model to continue; with `chat`, filler,
+    needle and question form one user turn and the assistant's answer starts with "The pass key is".
     """
     if not 0.0 <= depth <= 1.0:
         raise OjaKVError(f"depth {depth} is outside the haystack: use a depth between 0 and 1")

