@@ -20,28 +20,6 @@ from ojakv.data import (
 from ojakv.errors import OjaKVError
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    """A real byte-level BPE tokenizer built offline: GPT-2 style merges trained on the essays, plus a chat
-    template, so prompts are counted the way a model would count them."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=800, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    backend.train_from_iterator([essay_text("calibration")[:60_000], data.NOISE], trainer=trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
-    tok.chat_template = (
-        "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
-        "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
-    )
-    return tok
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Essays
 # ---------------------------------------------------------------------------------------------------------------

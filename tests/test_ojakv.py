@@ -184,3 +184,19 @@ def test_unknown_method_lists_the_known_ones(tiny):
 def test_missing_calibration_says_how_to_make_one(tiny):
     with pytest.raises(OjaKVError, match="ojakv calibrate"):
         ojakv.make_cache(tiny, "ojakv")
+
+
+@pytest.mark.parametrize("key_mode", ["pre_rope", "post_rope"])
+def test_calibration_initialised_bases_at_full_rank_equal_the_full_cache(tiny, tmp_path, key_mode):
+    class Tokens:
+        def __call__(self, text, return_tensors=None, add_special_tokens=False):
+            ids = torch.tensor([[3 + (ord(c) % 100) for c in text]])
+            return type("Encoded", (), {"input_ids": ids})()
+
+    path = calibrate(tiny, Tokens(), "calibration text for the bases. " * 30, chunk_tokens=256,
+                     path=tmp_path / "c.safetensors", progress=False)
+    ids, mask = padded_batch(tiny.config.vocab_size, (70, 58), seed=4)
+    reference = greedy_scores(tiny, ids, mask, full_cache(tiny), steps=20)
+    cache = ojakv.make_cache(tiny, "ojakv", rank_ratio=1.0, calibration_file=str(path), key_mode=key_mode,
+                             update_interval=4, **SMALL)
+    assert (greedy_scores(tiny, ids, mask, cache, steps=20) - reference).abs().max() <= 1e-4

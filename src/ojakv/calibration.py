@@ -91,7 +91,7 @@ def calibrate(
     text: str | None = None,
     *,
     chunk_tokens: int = 2048,
-    max_tokens: int = 16384,
+    max_tokens: int = 8192,
     path: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> Path:

@@ -29,25 +29,19 @@ def _knob_fields() -> dict[str, dataclasses.Field]:
     return fields
 
 
-def _knob_type(field: dataclasses.Field):
-    annotation = str(field.type)
-    if "float" in annotation:
-        return float
-    if "int" in annotation:
-        return int
-    return str
-
-
 def _add_knob_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("method knobs (see `ojakv methods` for which method has which)")
     for name, field in _knob_fields().items():
         help_text = field.metadata.get("help", "")
-        group.add_argument(f"--{name.replace('_', '-')}", dest=f"knob_{name}", type=_knob_type(field),
+        group.add_argument(f"--{name.replace('_', '-')}", dest=f"knob_{name}", type=str,
                            default=None, help=f"{help_text} (default {field.default})")
 
 
-def _given_knobs(args: argparse.Namespace) -> dict:
-    return {k[len("knob_"):]: v for k, v in vars(args).items() if k.startswith("knob_") and v is not None}
+def _given_knobs(args: argparse.Namespace, config_class: type) -> dict:
+    from .methods import parse_value
+
+    given = {k[len("knob_"):]: v for k, v in vars(args).items() if k.startswith("knob_") and v is not None}
+    return {name: parse_value(config_class, name, text) for name, text in given.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,9 +66,25 @@ def build_parser() -> argparse.ArgumentParser:
     cal = sub.add_parser("calibrate", help="fit per-layer, per-head PCA bases on calibration text")
     cal.add_argument("--model", default=DEFAULT_MODEL)
     cal.add_argument("--text-file", type=Path, help="calibration text (default: the essays' calibration split)")
-    cal.add_argument("--max-tokens", type=int, default=16384)
+    cal.add_argument("--max-tokens", type=int, default=8192)
     cal.add_argument("--chunk-tokens", type=int, default=2048)
     cal.add_argument("--out", type=Path, help="output .safetensors (default: the cache folder, used automatically)")
+
+    ev = sub.add_parser("eval", help="accuracy / perplexity against held bytes, for methods side by side")
+    ev.add_argument("--model", default=DEFAULT_MODEL)
+    ev.add_argument("--methods", default="full,ojakv",
+                    help="comma-separated method specs; knobs after a colon, joined by '+': "
+                         "ojakv:key_mode=post_rope+policy=residual")
+    ev.add_argument("--budgets", default="", help="held-bytes budgets, e.g. 0.6,0.4,0.25 (methods that can map "
+                    "a budget to their knobs; empty: run each method with its own knobs)")
+    ev.add_argument("--tasks", default="passkey", help="tasks or suites: passkey, ruler, niah_single_1..3, ppl")
+    ev.add_argument("--lengths", default="2048", help="context lengths in tokens of the model's tokenizer")
+    ev.add_argument("--samples", type=int, default=5, help="samples per task and length")
+    ev.add_argument("--placements", default="after", help="after (question after the compressed context), "
+                    "inside (question inside the compressed prompt), or both: after,inside")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--max-new-tokens", type=int, default=16)
+    ev.add_argument("--out", type=Path, required=True, help="output folder (re-running resumes it)")
 
     sub.add_parser("methods", help="list the compression methods and their knobs")
     return parser
@@ -83,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": _generate, "calibrate": _calibrate, "methods": _methods}[args.command](args)
+        commands = {"generate": _generate, "calibrate": _calibrate, "eval": _eval, "methods": _methods}
+        return commands[args.command](args)
     except OjaKVError as exc:
         print(f"ojakv: error: {exc}", file=sys.stderr)
         return 2
@@ -99,6 +110,36 @@ def _methods(args) -> int:
         print(f"{name}: {info['summary']}" + (f"  [{info['reference']}]" if info["reference"] else ""))
         for knob in info["knobs"]:
             print(f"    --{knob['name'].replace('_', '-'):<20} {knob['help']} (default {knob['default']})")
+    return 0
+
+
+def _split(text: str, cast, what: str) -> list:
+    try:
+        return [cast(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise OjaKVError(f"--{what} takes comma-separated numbers, got {text!r}") from None
+
+
+def _eval(args) -> int:
+    from .evaluation import MethodSpec, run_sweep, write_reports
+    from .models import load_model
+
+    specs = [MethodSpec.parse(text.replace("+", ",")) for text in args.methods.split(",") if text.strip()]
+    budgets = _split(args.budgets, float, "budgets") or [None]
+    if any(b is not None and not 0 < b <= 1 for b in budgets):
+        raise OjaKVError(f"budgets are fractions of the full cache in (0, 1], got {args.budgets}")
+    lengths = _split(args.lengths, int, "lengths")
+    if args.samples < 1 or not lengths or min(lengths) < 128:
+        raise OjaKVError("give --samples >= 1 and --lengths of at least 128 tokens each")
+    model, tokenizer = load_model(args.model)
+    run_sweep(model, tokenizer, specs, tasks=args.tasks.split(","), lengths=lengths, samples=args.samples,
+              budgets=budgets, placements=args.placements.split(","), out_dir=args.out, seed=args.seed,
+              max_new_tokens=args.max_new_tokens)
+    rows = write_reports(args.out)
+    from .evaluation.report import markdown_table
+
+    print(markdown_table(rows))
+    print(f"samples, summary.csv, summary.md and plots in {args.out}")
     return 0
 
 
@@ -132,7 +173,7 @@ def _generate(args) -> int:
     from .models import geometry, load_model
 
     spec = get_method(args.method)
-    knobs = _given_knobs(args)
+    knobs = _given_knobs(args, spec.config_class)
     spec.make_config(**knobs)  # validate before the model loads: bad input fails fast
     if args.max_new_tokens < 1:
         raise OjaKVError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")

@@ -129,15 +129,16 @@ def _insert_at_depth(haystack: str, needle: str, depth: float) -> tuple[str, str
     return haystack[:cut].strip(), haystack[cut:].strip()
 
 
-def _frame(tokenizer, haystack: str, needle: str, depth: float, chat: bool) -> str:
+def _frame(tokenizer, haystack: str, needle: str, depth: float, chat: bool, question: str) -> str:
     before, after = _insert_at_depth(haystack, needle, depth)
     # Measured on SmolLM2-135M at 3K tokens with the full cache (9 prompts each): the needle as a paragraph of its
     # own is found 9/9, the same sentence inline in the filler 0/9; the classic "There is an important info
     # hidden..." intro line also made it miss from ~1.1K tokens on, so there is none.
     body = "\n\n".join(part for part in (before, needle, after) if part)
+    ask, _, answer_start = question.partition("\n")
     if chat:
-        return chat_prompt(tokenizer, f"{body}\n\n{QUESTION}") + ANSWER_START
-    return f"{body}\n\n{QUESTION} {ANSWER_START}"
+        return chat_prompt(tokenizer, f"{body}\n\n{ask}") + answer_start
+    return f"{body}\n\n{ask} {answer_start}"
 
 
 def passkey_prompt(
@@ -156,17 +157,25 @@ def passkey_prompt(
     plain form ends with "What is the pass key? The pass key is" for the model to continue; with `chat`, filler,
     needle and question form one user turn and the assistant's answer starts with "The pass key is".
     """
+    key = passkey if passkey is not None else random.Random(seed).randint(10000, 99999)
+    prompt = haystack_prompt(tokenizer, n_tokens, NEEDLE.format(passkey=key), f"{QUESTION}\n{ANSWER_START}",
+                             depth=depth, haystack=haystack, chat=chat)
+    return prompt, str(key)
+
+
+def haystack_prompt(tokenizer, n_tokens: int, needle: str, question: str, *, depth: float = 0.5,
+                    haystack: str = "noise", chat: bool = False) -> str:
+    """Filler of ``n_tokens`` tokens in all (within 2%) with ``needle`` as its own paragraph at ``depth``,
+    then ``question`` ("the question\nthe start of the answer")."""
     if not 0.0 <= depth <= 1.0:
         raise OjaKVError(f"depth {depth} is outside the haystack: use a depth between 0 and 1")
-    key = passkey if passkey is not None else random.Random(seed).randint(10000, 99999)
-    needle = NEEDLE.format(passkey=key)
-    fixed = count_tokens(tokenizer, _frame(tokenizer, "", needle, depth, chat))
+    fixed = count_tokens(tokenizer, _frame(tokenizer, "", needle, depth, chat, question))
     if fixed >= n_tokens:
         raise OjaKVError(f"n_tokens={n_tokens} leaves no room for a haystack: use n_tokens of at least {2 * fixed}")
     filler = _filler_ids(tokenizer, haystack, n_tokens)
     prompt, budget, best = "", n_tokens - fixed, None
     for _ in range(6):  # token counts are not additive across joins; a few corrections converge
-        prompt = _frame(tokenizer, _haystack_text(tokenizer, filler, budget), needle, depth, chat)
+        prompt = _frame(tokenizer, _haystack_text(tokenizer, filler, budget), needle, depth, chat, question)
         error = count_tokens(tokenizer, prompt) - n_tokens
         if best is None or abs(error) < abs(best[0]):
             best = (error, prompt)
@@ -175,5 +184,5 @@ def passkey_prompt(
         budget -= error
     error, prompt = best
     if abs(error) > LENGTH_TOLERANCE * n_tokens:
-        raise OjaKVError(f"could not fit a pass-key prompt into {n_tokens} tokens: use a larger n_tokens")
-    return prompt, str(key)
+        raise OjaKVError(f"could not fit a prompt into {n_tokens} tokens: use a larger n_tokens")
+    return prompt

@@ -20,6 +20,8 @@ class Method:
 
     ``build(model, config)`` returns ``(layer_factory, track_positions)``: a callable ``(layer_idx, shared) ->
     CacheLayer`` and whether the layers need token positions stored (to re-apply RoPE at reconstruction).
+    ``for_budget(knobs, geometry, n_tokens, dtype_bytes, budget)``, where a method has one, returns the knobs
+    (its own, e.g. a rank) whose held bytes come closest to ``budget`` × the full cache's for ``n_tokens``.
     """
 
     name: str
@@ -27,6 +29,7 @@ class Method:
     config_class: type
     build: Callable[[Any, Any], tuple[Callable, bool]]
     reference: str = ""
+    for_budget: Callable[..., dict] | None = None
 
     def knobs(self) -> list[dict]:
         return [
@@ -67,6 +70,19 @@ def get_method(name: str) -> Method:
 
 def registered() -> dict[str, Method]:
     return dict(_REGISTRY)
+
+
+def parse_value(config_class: type, name: str, text: str):
+    """A knob value from text (CLI flags, method specs), typed from the config dataclass's annotation."""
+    annotation = str({f.name: f.type for f in dataclasses.fields(config_class)}.get(name, "str"))
+    try:
+        if "float" in annotation:
+            return float(text)
+        if "int" in annotation:
+            return int(text)
+    except ValueError:
+        raise OjaKVError(f"knob {name} needs a number, got {text!r}") from None
+    return text
 
 
 def knob(default, help: str):

@@ -338,6 +338,23 @@ def _build(model, config: OjaKVConfig):
     return factory, config.key_mode == "pre_rope"
 
 
+def _for_budget(knobs: dict, geometry, n_tokens: int, dtype_bytes: int, budget: float) -> dict:
+    """The rank whose predicted held bytes (the README's formula, per layer and KV head) are closest to budget."""
+    config = OjaKVConfig(**{**knobs, "rank_ratio": 0.5, "rank": None, "energy": None})
+    d, s = geometry.head_dim, dtype_bytes
+    full = 2 * n_tokens * d * s
+    anchors = min(n_tokens, config.n_sink + config.n_recent)
+    exact = min(config.n_residual, n_tokens - anchors) if config.policy == "residual" else 0
+    positions = 4 * n_tokens / (geometry.num_layers * geometry.num_kv_heads) if config.key_mode == "pre_rope" else 0
+
+    def held(r: int) -> float:
+        body = 2 * (n_tokens - anchors) * r * s
+        return 2 * anchors * d * s + body + 4 * d * r * 4 + exact * (2 * d * s + 12) + positions
+
+    best = min(range(1, d + 1), key=lambda r: abs(held(r) / full - budget))
+    return {"rank": best, "rank_ratio": None, "energy": None}
+
+
 register(
     Method(
         name="ojakv",
@@ -345,6 +362,7 @@ register(
         config_class=OjaKVConfig,
         build=_build,
         reference="Zhu et al., OjaKV, arXiv 2509.21623",
+        for_budget=_for_budget,
     )
 )
 
@@ -361,5 +379,6 @@ register(
         config_class=OjaKVPFConfig,
         build=_build,
         reference="Zhu et al., OjaKV, arXiv 2509.21623",
+        for_budget=_for_budget,
     )
 )

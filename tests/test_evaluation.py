@@ -1,0 +1,91 @@
+"""Benchmark tasks, scoring, budgets and resumable sweeps, on an offline tokenizer and a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ojakv.errors import OjaKVError
+from ojakv.evaluation import MethodSpec, make_sample, run_sweep, string_match_all, summarise
+from ojakv.evaluation.report import write_reports
+from ojakv.evaluation.tasks import TASKS
+from ojakv.models import tiny_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama", num_layers=2, num_heads=2, num_kv_heads=1, head_dim=64, vocab_size=800,
+                      max_context=4096)
+
+
+def _tokens(tokenizer, text):
+    return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+@pytest.mark.parametrize("length", [512, 2048])
+def test_samples_are_deterministic_token_exact_and_hold_their_answer(tokenizer, task, length):
+    sample = make_sample(task, tokenizer, length, index=1, seed=3)
+    assert sample == make_sample(task, tokenizer, length, index=1, seed=3)
+    assert make_sample(task, tokenizer, length, index=2, seed=3).answers != sample.answers
+    total = _tokens(tokenizer, sample.context) + _tokens(tokenizer, sample.question)
+    assert abs(total - length) <= 0.02 * length
+    for answer in sample.answers:
+        assert answer in sample.context and answer not in sample.question
+
+
+def test_needle_depth_follows_the_sample_index(tokenizer):
+    for index, depth in enumerate((0.1, 0.3, 0.5, 0.7, 0.9)):
+        sample = make_sample("niah_single_1", tokenizer, 2048, index=index)
+        at = sample.context.index(sample.answers[0])
+        assert abs(at / len(sample.context) - depth) < 0.03
+
+
+def test_string_match_all_on_hand_made_cases():
+    assert string_match_all("The key is 12345.", ["12345"]) == 1.0
+    assert string_match_all("no idea", ["12345"]) == 0.0
+    assert string_match_all("alpha and BETA", ["alpha", "beta", "gamma", "delta"]) == 0.5
+
+
+def test_method_specs_parse_typed_knobs_and_refuse_bad_ones():
+    spec = MethodSpec.parse("ojakv:key_mode=post_rope,rank=16")
+    assert spec.name == "ojakv" and dict(spec.knobs) == {"key_mode": "post_rope", "rank": 16}
+    with pytest.raises(OjaKVError, match="has no knob"):
+        MethodSpec.parse("full:rank=3")
+    with pytest.raises(OjaKVError, match="needs a number"):
+        MethodSpec.parse("ojakv:rank=many")
+    with pytest.raises(OjaKVError, match="unknown method"):
+        MethodSpec.parse("zip")
+
+
+@pytest.mark.parametrize("policy", ["positional", "residual"])
+def test_ojakv_meets_held_bytes_budgets_within_two_hundredths(model, tokenizer, tmp_path, policy):
+    spec = MethodSpec.parse(f"ojakv:init=prompt,policy={policy}")
+    run_sweep(model, tokenizer, [spec], tasks=["passkey"], lengths=[2048], samples=1, budgets=[0.6, 0.4, 0.25],
+              placements=["after"], out_dir=tmp_path, max_new_tokens=4, progress=False)
+    rows = summarise(tmp_path / "samples.jsonl")
+    assert [r["budget"] for r in rows] == [0.6, 0.4, 0.25]
+    for row in rows:
+        assert abs(row["held_ratio"] - row["budget"]) <= 0.02 and row["note"] == ""
+
+
+def test_sweep_resumes_and_redoes_a_cut_record(model, tokenizer, tmp_path):
+    specs = [MethodSpec.parse("full"), MethodSpec.parse("ojakv:init=prompt")]
+    kwargs = dict(tasks=["passkey", "ppl"], lengths=[256], samples=2, budgets=[None],
+                  placements=["after", "inside"], out_dir=tmp_path, max_new_tokens=2, progress=False)
+    path = run_sweep(model, tokenizer, specs, **kwargs)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 2 * (2 * 2 + 2)  # methods x (passkey x placements + ppl) x samples
+    run_sweep(model, tokenizer, specs, **kwargs)
+    assert path.read_text().splitlines() == lines  # nothing redone
+    path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])  # an interrupted last write
+    run_sweep(model, tokenizer, specs, **kwargs)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(records) == len(lines) and path.read_text().endswith("\n")
+    rows = write_reports(tmp_path)
+    assert (tmp_path / "summary.csv").read_text().splitlines()[0] == \
+        "method,budget,task,length,placement,n,accuracy,held_ratio,note"
+    ppl = [r for r in rows if r["task"] == "ppl"]
+    assert len(ppl) == 2 and all(r["accuracy"] > 1.0 for r in ppl)  # perplexities of a random model
+    assert (tmp_path / "summary.md").exists()
