@@ -2,6 +2,9 @@
 
 Slow-ish (the model converts once per module, about 25 s, and calibrates once, about 40 s on 2 cores); run only
 these with ``pytest -m model``, or everything else with ``pytest -m "not model"``.
+
+The pass-key prompts put the needle at three depths of a 3,000-token haystack; with the needle as a paragraph of
+its own the full cache finds all of them (an inline needle it mostly misses at this length).
 """
 
 from __future__ import annotations
@@ -60,7 +63,8 @@ def test_full_and_default_ojakv_find_the_pass_key_in_3k_tokens(smol, seed, depth
     model, tokenizer = smol
     prompt, key = passkey_prompt(tokenizer, 3000, seed=seed, depth=depth)
     assert key in _answer(model, tokenizer, prompt, ojakv.make_cache(model, "full"))
-    cache = ojakv.make_cache(model, "ojakv", rank_ratio=0.5)
+    cache = ojakv.make_cache(model, "ojakv", rank_ratio=0.5)  # default key mode (pre_rope) and init (prompt)
+    assert cache.config["key_mode"] == "pre_rope"
     assert key in _answer(model, tokenizer, prompt, cache)
     report = cache.memory()
     assert report.held_bytes < 0.56 * report.full_bytes  # half rank + 64 anchors + bases, at about 3K tokens
@@ -68,7 +72,7 @@ def test_full_and_default_ojakv_find_the_pass_key_in_3k_tokens(smol, seed, depth
 
 def test_calibration_is_made_once_with_its_metadata(smol):
     model, _ = smol
-    ojakv.make_cache(model, "ojakv")  # makes the calibration on first use
+    ojakv.make_cache(model, "ojakv", init="calibration")  # makes the calibration on first use
     path = default_path(model)
     calibration = load_calibration(model)
     meta = calibration.metadata
@@ -76,7 +80,7 @@ def test_calibration_is_made_once_with_its_metadata(smol):
     assert meta["key_modes"] == "pre_rope,post_rope" and meta["rank"] == "64"
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # nothing half-written beside it
     assert calibration.eigvecs["k_pre"].shape == (30, 3, 64, 64)
-    # Pre-RoPE keys are lower-rank than post-RoPE ones (the reason pre_rope is the default key mode).
+    # Pre-RoPE keys are lower-rank than post-RoPE ones (one reason pre_rope is the default key mode).
     def energy_at_half(kind):
         vals = calibration.eigvals[kind]
         return (vals[..., :32].sum() / vals.sum()).item()
@@ -94,6 +98,17 @@ def test_cli_generate_writes_completion_and_memory(smol, tmp_path, capsys):
     memory = record["memory"]
     assert memory["held_bytes"] < memory["full_bytes"] and memory["ratio"] == memory["held_bytes"] / memory["full_bytes"]
     assert record["correct"] is True
+
+
+def test_eval_smoke_sweep_of_two_methods(smol, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    code = main(["eval", "--methods", "full,ojakv", "--tasks", "passkey", "--lengths", "1024", "--samples", "2",
+                 "--out", str(out), "--max-new-tokens", "8"])
+    assert code == 0
+    lines = (out / "summary.csv").read_text().splitlines()
+    assert lines[0].startswith("method,budget,task,length,placement,n,accuracy,held_ratio")
+    rows = {line.split(",")[0]: line.split(",") for line in lines[1:]}
+    assert set(rows) == {"full", "ojakv"} and rows["full"][6] == "1.0"
 
 
 def test_prompt_longer_than_the_context_is_refused(smol, tmp_path, capsys):

@@ -89,3 +89,26 @@ def test_sweep_resumes_and_redoes_a_cut_record(model, tokenizer, tmp_path):
     ppl = [r for r in rows if r["task"] == "ppl"]
     assert len(ppl) == 2 and all(r["accuracy"] > 1.0 for r in ppl)  # perplexities of a random model
     assert (tmp_path / "summary.md").exists()
+
+
+def test_bench_reports_medians_and_ratios_to_full(model, tokenizer):
+    from ojakv.evaluation.bench import bench_table, run_bench
+
+    specs = [MethodSpec.parse("full"), MethodSpec.parse("ojakv:init=prompt")]
+    records = run_bench(model, tokenizer, specs, [512], repeats=2, decode_tokens=4, progress=False)
+    assert [r["method"] for r in records] == ["full", "ojakv:init=prompt"]
+    full, compressed = records
+    # At 512 tokens: 64 anchors (0.125) + half-rank body (0.44) + float32 bases and Oja statistics (0.125).
+    assert full["held_bytes_vs_full"] == 1.0 and 0.65 < compressed["held_bytes_vs_full"] < 0.8
+    for key in ("prefill_s", "decode_ms_per_token", "held_bytes", "peak_bytes"):
+        assert key in compressed and compressed[key] >= 0
+    assert "decode_ms_per_token_vs_full" in bench_table(records)
+
+
+def test_needle_grid_draws_a_heatmap(model, tokenizer, tmp_path):
+    run_sweep(model, tokenizer, [MethodSpec.parse("full")], tasks=["needle"], lengths=[256, 384], samples=3,
+              budgets=[None], placements=["after"], out_dir=tmp_path, max_new_tokens=2, progress=False)
+    write_reports(tmp_path)
+    depths = sorted({json.loads(line)["meta"]["depths"][0] for line in (tmp_path / "samples.jsonl").read_text().splitlines()})
+    assert depths == [0.0, 0.1, 0.2]
+    assert (tmp_path / "needle_grid_full_None_after.png").stat().st_size > 1000

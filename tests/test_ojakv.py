@@ -145,17 +145,17 @@ def test_calibration_init_round_trip_and_mismatch_is_refused(tiny, tmp_path):
 
     path = calibrate(tiny, Tokens(), "some calibration text, " * 40, chunk_tokens=256, path=tmp_path / "c.safetensors",
                      progress=False)
-    cache = ojakv.make_cache(tiny, "ojakv", calibration_file=str(path), **SMALL)
+    cache = ojakv.make_cache(tiny, "ojakv", init="calibration", calibration_file=str(path), **SMALL)
     ids, mask = padded_batch(tiny.config.vocab_size, (64, 64))
     assert torch.isfinite(greedy_scores(tiny, ids, mask, cache, steps=4)).all()
     from ojakv.models import tiny_model
 
     other = tiny_model("llama", seed=7, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
     with pytest.raises(OjaKVError, match="calibrated for model"):
-        ojakv.make_cache(other, "ojakv", calibration_file=str(path))
+        ojakv.make_cache(other, "ojakv", init="calibration", calibration_file=str(path))
     (tmp_path / "bad.safetensors").write_text("not a tensor file")
     with pytest.raises(OjaKVError, match="not a readable calibration file"):
-        ojakv.make_cache(tiny, "ojakv", calibration_file=str(tmp_path / "bad.safetensors"))
+        ojakv.make_cache(tiny, "ojakv", init="calibration", calibration_file=str(tmp_path / "bad.safetensors"))
 
 
 @pytest.mark.parametrize(
@@ -183,7 +183,16 @@ def test_unknown_method_lists_the_known_ones(tiny):
 
 def test_missing_calibration_says_how_to_make_one(tiny):
     with pytest.raises(OjaKVError, match="ojakv calibrate"):
-        ojakv.make_cache(tiny, "ojakv")
+        ojakv.make_cache(tiny, "ojakv", init="calibration")
+
+
+def test_energy_with_prompt_init_takes_the_rank_from_the_prompt_spectrum(tiny):
+    ids, mask = padded_batch(tiny.config.vocab_size, (80, 80), seed=5)
+    low = ojakv.make_cache(tiny, "ojakv", energy=0.5, **SMALL)
+    high = ojakv.make_cache(tiny, "ojakv", energy=0.999, **SMALL)
+    for cache in (low, high):
+        assert torch.isfinite(greedy_scores(tiny, ids, mask, cache, steps=3)).all()
+    assert 1 <= low.layers[0].rank_k < high.layers[0].rank_k <= 16
 
 
 @pytest.mark.parametrize("key_mode", ["pre_rope", "post_rope"])
@@ -197,6 +206,6 @@ def test_calibration_initialised_bases_at_full_rank_equal_the_full_cache(tiny, t
                      path=tmp_path / "c.safetensors", progress=False)
     ids, mask = padded_batch(tiny.config.vocab_size, (70, 58), seed=4)
     reference = greedy_scores(tiny, ids, mask, full_cache(tiny), steps=20)
-    cache = ojakv.make_cache(tiny, "ojakv", rank_ratio=1.0, calibration_file=str(path), key_mode=key_mode,
+    cache = ojakv.make_cache(tiny, "ojakv", rank_ratio=1.0, init="calibration", calibration_file=str(path), key_mode=key_mode,
                              update_interval=4, **SMALL)
     assert (greedy_scores(tiny, ids, mask, cache, steps=20) - reference).abs().max() <= 1e-4

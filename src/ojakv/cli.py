@@ -86,6 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int, default=16)
     ev.add_argument("--out", type=Path, required=True, help="output folder (re-running resumes it)")
 
+    bench = sub.add_parser("bench", help="prefill / decode time and memory, methods side by side with full")
+    bench.add_argument("--model", default=DEFAULT_MODEL)
+    bench.add_argument("--methods", default="full,ojakv", help="method specs as for `ojakv eval`")
+    bench.add_argument("--lengths", default="1024,2048,4096,8000")
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--decode-tokens", type=int, default=32)
+    bench.add_argument("--device", default="cpu", help="cpu or cuda")
+    bench.add_argument("--json", type=Path, dest="json_out", help="write the records (a JSON list) here")
+    bench.add_argument("--plot", type=Path, help="write the decode-time-vs-length plot (PNG) here")
+
     sub.add_parser("methods", help="list the compression methods and their knobs")
     return parser
 
@@ -93,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        commands = {"generate": _generate, "calibrate": _calibrate, "eval": _eval, "methods": _methods}
+        commands = {"generate": _generate, "calibrate": _calibrate, "eval": _eval, "bench": _bench,
+                    "methods": _methods}
         return commands[args.command](args)
     except OjaKVError as exc:
         print(f"ojakv: error: {exc}", file=sys.stderr)
@@ -120,11 +131,35 @@ def _split(text: str, cast, what: str) -> list:
         raise OjaKVError(f"--{what} takes comma-separated numbers, got {text!r}") from None
 
 
-def _eval(args) -> int:
-    from .evaluation import MethodSpec, run_sweep, write_reports
+def _specs(text: str):
+    from .evaluation import MethodSpec
+
+    return [MethodSpec.parse(item.replace("+", ",")) for item in text.split(",") if item.strip()]
+
+
+def _bench(args) -> int:
+    from .evaluation.bench import bench_table, plot_decode_time, run_bench
     from .models import load_model
 
-    specs = [MethodSpec.parse(text.replace("+", ",")) for text in args.methods.split(",") if text.strip()]
+    specs = _specs(args.methods)
+    lengths = _split(args.lengths, int, "lengths")
+    if args.repeats < 1 or args.decode_tokens < 1 or not lengths:
+        raise OjaKVError("give --repeats >= 1, --decode-tokens >= 1 and at least one length")
+    model, tokenizer = load_model(args.model, device=args.device)
+    records = run_bench(model, tokenizer, specs, lengths, repeats=args.repeats, decode_tokens=args.decode_tokens)
+    print(bench_table(records))
+    if args.json_out:
+        _write_json(args.json_out, records)
+    if args.plot:
+        plot_decode_time(records, args.plot)
+    return 0
+
+
+def _eval(args) -> int:
+    from .evaluation import run_sweep, write_reports
+    from .models import load_model
+
+    specs = _specs(args.methods)
     budgets = _split(args.budgets, float, "budgets") or [None]
     if any(b is not None and not 0 < b <= 1 for b in budgets):
         raise OjaKVError(f"budgets are fractions of the full cache in (0, 1], got {args.budgets}")
@@ -227,7 +262,7 @@ def _prompt_text(args, text: str | None, tokenizer) -> tuple[str, str | None]:
     return (text if args.raw else chat_prompt(tokenizer, text)), None
 
 
-def _write_json(path: Path, record: dict) -> None:
+def _write_json(path: Path, record) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(record, indent=2))
 

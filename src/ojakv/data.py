@@ -97,11 +97,11 @@ def chat_prompt(tokenizer, user_text: str) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def _filler_ids(tokenizer, haystack: str, n_tokens: int) -> list[int]:
-    """At least n_tokens tokens of filler, repeating the source text if it is too short."""
-    if haystack not in HAYSTACKS:
+def _filler_ids(tokenizer, haystack: str, n_tokens: int, filler_text: str | None = None) -> list[int]:
+    """At least n_tokens tokens of filler (a named haystack, or ``filler_text``), repeated if too short."""
+    if filler_text is None and haystack not in HAYSTACKS:
         raise OjaKVError(f"unknown haystack {haystack!r}: use one of {', '.join(HAYSTACKS)}")
-    source = NOISE if haystack == "noise" else essay_text("eval")
+    source = filler_text if filler_text is not None else NOISE if haystack == "noise" else essay_text("eval")
     chars = 8 * n_tokens + 1000  # tokens rarely exceed ~5 characters, so this is usually enough at once
     while True:
         text = (source + " ") * (chars // (len(source) + 1) + 1)
@@ -112,29 +112,33 @@ def _filler_ids(tokenizer, haystack: str, n_tokens: int) -> list[int]:
 
 
 def _haystack_text(tokenizer, filler: list[int], n_tokens: int) -> str:
-    """The first n_tokens filler tokens as text, cut back to a whole word."""
+    """The first n_tokens filler tokens as text, cut back to a whole word unless that word is long (a UUID in a
+    distractor, say), where dropping it would cost more tokens than the length tolerance allows."""
     if n_tokens <= 0:
         return ""
-    text = tokenizer.decode(filler[:n_tokens])
-    cut = text.rstrip().rfind(" ")
-    return text[:cut].strip() if cut > 0 else text.strip()
+    text = tokenizer.decode(filler[:n_tokens]).rstrip()
+    cut = text.rfind(" ")
+    return text[:cut].strip() if 0 < cut and len(text) - cut <= 12 else text.strip()
 
 
-def _insert_at_depth(haystack: str, needle: str, depth: float) -> tuple[str, str]:
-    """Split the haystack at the sentence start nearest to relative depth `depth`, so the needle reads as
-    a sentence of its own rather than landing mid-word."""
+def _cut_at_depth(haystack: str, depth: float) -> int:
+    """The sentence start nearest to relative depth ``depth``, so a needle never lands mid-word."""
     target = depth * len(haystack)
     starts = [0, len(haystack)] + [match.end() for match in re.finditer(r"[.?!] ", haystack)]
-    cut = min(starts, key=lambda start: (abs(start - target), start))
-    return haystack[:cut].strip(), haystack[cut:].strip()
+    return min(starts, key=lambda start: (abs(start - target), start))
 
 
-def _frame(tokenizer, haystack: str, needle: str, depth: float, chat: bool, question: str) -> str:
-    before, after = _insert_at_depth(haystack, needle, depth)
-    # Measured on SmolLM2-135M at 3K tokens with the full cache (9 prompts each): the needle as a paragraph of its
-    # own is found 9/9, the same sentence inline in the filler 0/9; the classic "There is an important info
-    # hidden..." intro line also made it miss from ~1.1K tokens on, so there is none.
-    body = "\n\n".join(part for part in (before, needle, after) if part)
+def _frame(tokenizer, haystack: str, needles: list[tuple[str, float]], chat: bool, question: str) -> str:
+    # Each needle is a paragraph of its own. Measured on SmolLM2-135M at 3K tokens with the full cache (9 prompts
+    # each): a needle paragraph is found 9/9, the same sentence inline in the filler 0/9; the classic "There is
+    # an important info hidden..." intro line also made it miss from ~1.1K tokens on, so there is none.
+    cuts = sorted((_cut_at_depth(haystack, depth), i) for i, (_, depth) in enumerate(needles))
+    parts, previous = [], 0
+    for cut, i in cuts:
+        parts += [haystack[previous:cut].strip(), needles[i][0]]
+        previous = cut
+    parts.append(haystack[previous:].strip())
+    body = "\n\n".join(part for part in parts if part)
     ask, _, answer_start = question.partition("\n")
     if chat:
         return chat_prompt(tokenizer, f"{body}\n\n{ask}") + answer_start
@@ -163,19 +167,23 @@ def passkey_prompt(
     return prompt, str(key)
 
 
-def haystack_prompt(tokenizer, n_tokens: int, needle: str, question: str, *, depth: float = 0.5,
-                    haystack: str = "noise", chat: bool = False) -> str:
-    """Filler of ``n_tokens`` tokens in all (within 2%) with ``needle`` as its own paragraph at ``depth``,
-    then ``question`` ("the question\nthe start of the answer")."""
-    if not 0.0 <= depth <= 1.0:
-        raise OjaKVError(f"depth {depth} is outside the haystack: use a depth between 0 and 1")
-    fixed = count_tokens(tokenizer, _frame(tokenizer, "", needle, depth, chat, question))
+def haystack_prompt(tokenizer, n_tokens: int, needle: str | list[tuple[str, float]], question: str, *,
+                    depth: float = 0.5, haystack: str = "noise", chat: bool = False,
+                    filler_text: str | None = None) -> str:
+    """Filler of ``n_tokens`` tokens in all (within 2%) with each needle as its own paragraph at its depth, then
+    ``question`` ("the question\nthe start of the answer"). ``needle`` is one text (placed at ``depth``) or a list
+    of (text, depth); the filler is a named ``haystack`` or any ``filler_text``."""
+    needles = [(needle, depth)] if isinstance(needle, str) else list(needle)
+    for _, at in needles:
+        if not 0.0 <= at <= 1.0:
+            raise OjaKVError(f"depth {at} is outside the haystack: use a depth between 0 and 1")
+    fixed = count_tokens(tokenizer, _frame(tokenizer, "", needles, chat, question))
     if fixed >= n_tokens:
         raise OjaKVError(f"n_tokens={n_tokens} leaves no room for a haystack: use n_tokens of at least {2 * fixed}")
-    filler = _filler_ids(tokenizer, haystack, n_tokens)
+    filler = _filler_ids(tokenizer, haystack, n_tokens, filler_text)
     prompt, budget, best = "", n_tokens - fixed, None
     for _ in range(6):  # token counts are not additive across joins; a few corrections converge
-        prompt = _frame(tokenizer, _haystack_text(tokenizer, filler, budget), needle, depth, chat, question)
+        prompt = _frame(tokenizer, _haystack_text(tokenizer, filler, budget), needles, chat, question)
         error = count_tokens(tokenizer, prompt) - n_tokens
         if best is None or abs(error) < abs(best[0]):
             best = (error, prompt)

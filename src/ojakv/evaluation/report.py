@@ -51,6 +51,7 @@ def write_reports(out_dir: Path) -> list[dict]:
         writer.writerows(rows)
     (out_dir / "summary.md").write_text(markdown_table(rows))
     _plot(rows, out_dir)
+    _plot_needle_grid(out_dir / "samples.jsonl", out_dir)
     return rows
 
 
@@ -82,4 +83,41 @@ def _plot(rows: list[dict], out_dir: Path) -> None:
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out_dir / f"{task}_{length}_{placement}.png", dpi=110)
+        plt.close(fig)
+
+
+def _plot_needle_grid(samples_path: Path, out_dir: Path) -> None:
+    """For the ``needle`` task: accuracy by context length (columns) and needle depth (rows), one map per run."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    cells: dict[tuple, dict[tuple, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for line in samples_path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("task") == "needle":
+            run = (record["method"], record["budget"], record["placement"])
+            cells[run][(record["meta"]["depths"][0], record["length"])].append(record["score"])
+    for (method, budget, placement), grid in cells.items():
+        depths = sorted({d for d, _ in grid})
+        lengths = sorted({n for _, n in grid})
+        image = [[mean(grid[(d, n)]) if (d, n) in grid else float("nan") for n in lengths] for d in depths]
+        fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 4))
+        shown = ax.imshow(image, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("needle depth")
+        ax.set_title(f"{method}" + (f" @ {budget}" if budget is not None else "") + f", question {placement}",
+                     fontsize=8)
+        fig.colorbar(shown, ax=ax, fraction=0.05)
+        fig.tight_layout()
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in method)
+        fig.savefig(out_dir / f"needle_grid_{safe}_{budget}_{placement}.png", dpi=110)
         plt.close(fig)

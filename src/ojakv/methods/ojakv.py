@@ -8,15 +8,17 @@ orthonormal basis for keys and one for values. Token layout in cache order:
 With ``policy="residual"`` some body tokens also keep their exact keys and values: the ones whose low-rank error
 would change attention scores most (|qᵀ(k − k̂)| over recent queries).
 
-Bases start from an offline PCA (``ojakv calibrate``) or from the prompt's own PCA, get one "comprehensive" Oja
-step on the prompt at prefill, then a light step every ``update_interval`` decoded tokens from running statistics
-(Σ x xᵀU, d×r per head: no token buffer is kept). When a basis changes, stored coefficients are re-expressed
+Bases start from the prompt's own PCA (the default: the subspace the paper's "comprehensive" prefill update moves
+towards), or from an offline PCA (``ojakv calibrate``) followed by one Oja step on the prompt, the paper's recipe;
+then a light Oja step every ``update_interval`` decoded tokens from running statistics (Σ x xᵀU, d×r per head: no
+token buffer is kept). When a basis changes, stored coefficients are re-expressed
 (c ← c·U_oldᵀU_new, the orthogonal projection of what they encoded onto the new subspace), so every coefficient
 always belongs to the current basis.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +29,7 @@ from ..memory import nbytes
 from ..models import compute_queries
 from ..rope import apply_rope, undo_rope
 from ..storage import GrowableTensor
-from ..subspace import change_of_basis, covariance, oja_step, pca_basis, rank_for_energy
+from ..subspace import change_of_basis, covariance, eigh_descending, oja_step, rank_for_energy
 from . import Method, knob, register
 
 KEY_MODES = ("pre_rope", "post_rope")
@@ -46,8 +48,8 @@ class OjaKVConfig:
     n_recent: int = knob(32, "most recent tokens kept at full rank")
     n_residual: int = knob(32, "residual policy: body tokens per KV head kept exact")
     query_window: int = knob(32, "residual policy: recent prompt queries that weigh the residual")
-    init: str = knob("calibration", "initial basis: calibration (offline PCA) or prompt (PCA of the prompt)")
-    eta_prefill: float = knob(0.1, "Oja step on the prompt (relative to the top eigenvalue; 0 = static basis)")
+    init: str = knob("prompt", "initial basis: prompt (PCA of the prompt) or calibration (offline PCA + Oja step)")
+    eta_prefill: float = knob(0.1, "init=calibration: Oja step on the prompt (relative to the top eigenvalue)")
     eta_decode: float = knob(0.05, "Oja step every update_interval decoded tokens (0 = no decode updates)")
     update_interval: int = knob(64, "decoded tokens between Oja updates (T)")
     prefill_attention: str = knob("compressed", "prefill attends to compressed K/V, or full (the -pf variant)")
@@ -79,8 +81,6 @@ class OjaKVConfig:
         for name in ("eta_prefill", "eta_decode"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise OjaKVError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.energy is not None and self.init == "prompt":
-            raise OjaKVError("energy-based ranks need a calibration: use init='calibration' or give rank_ratio")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -97,6 +97,8 @@ def ranks_for(config: OjaKVConfig, head_dim: int, eigvals_k=None, eigvals_v=None
     if config.rank_ratio is not None:
         r = max(1, min(head_dim, round(config.rank_ratio * head_dim)))
         return r, r
+    if eigvals_k is None:
+        return None, None  # energy with init="prompt": decided from the prompt's own spectrum at prefill
     return rank_for_energy(eigvals_k, config.energy), rank_for_energy(eigvals_v, config.energy)
 
 
@@ -115,6 +117,7 @@ class OjaKVLayer(CacheLayer):
         self.u_k = self.u_v = None  # [b, h, d, r] float32
         self.stat_k = self.stat_v = None  # Σ x xᵀ U since the last update, [b, h, d, r] float32
         self.pending = 0
+        self.update_seconds = 0.0  # time spent in decode-time subspace updates (read by `ojakv bench`)
         # residual policy: exact rows for selected body tokens, their body index and score
         self.k_exact = self.v_exact = self.exact_idx = self.exact_score = None
 
@@ -157,6 +160,7 @@ class OjaKVLayer(CacheLayer):
         weight = weight.unsqueeze(1).expand(-1, keys.shape[1], -1)
         self.u_k = self._initial_basis(features_k, weight, self.rank_k, 0)
         self.u_v = self._initial_basis(features_v, weight, self.rank_v, 1)
+        self.rank_k, self.rank_v = self.u_k.shape[-1], self.u_v.shape[-1]
         self.init_bases = None  # views of the calibration tensors: drop them so they are not held
         self.stat_k = torch.zeros_like(self.u_k)
         self.stat_v = torch.zeros_like(self.u_v)
@@ -172,10 +176,13 @@ class OjaKVLayer(CacheLayer):
             return keys, values
         return self._materialize()
 
-    def _initial_basis(self, features, weight, rank: int, which: int) -> torch.Tensor:
+    def _initial_basis(self, features, weight, rank: int | None, which: int) -> torch.Tensor:
         cov, _ = covariance(features, weight)
         if self.config.init == "prompt":
-            return pca_basis(cov, rank)
+            vals, vecs = eigh_descending(cov)
+            if rank is None:  # energy threshold on this prompt's spectrum, the largest over heads and sequences
+                rank = rank_for_energy(vals.flatten(0, -2), self.config.energy)
+            return vecs[..., :rank].contiguous()
         start = self.init_bases[which][..., :rank].to(features.device).float()
         basis = start.unsqueeze(0).expand(features.shape[0], -1, -1, -1).contiguous()
         if self.config.eta_prefill > 0:
@@ -226,6 +233,7 @@ class OjaKVLayer(CacheLayer):
 
     def _oja_update(self) -> None:
         """Light periodic update from the running statistics, then re-express stored coefficients."""
+        started = time.perf_counter()  # host time; on CUDA the bench synchronises around whole steps instead
         eta = self.config.eta_decode
         if eta > 0:
             self.u_k = self._rebase(self.k_coef, self.u_k, oja_step(self.u_k, self.stat_k, eta))
@@ -233,6 +241,7 @@ class OjaKVLayer(CacheLayer):
         self.stat_k.zero_()
         self.stat_v.zero_()
         self.pending = 0
+        self.update_seconds += time.perf_counter() - started
 
     def _rebase(self, coef: GrowableTensor, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         change = change_of_basis(old, new)

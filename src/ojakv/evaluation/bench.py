@@ -1,0 +1,156 @@
+"""Speed and memory, every method side by side with the full cache in the same run.
+
+For each context length, repeats interleave the methods (so drift in machine load hits them alike). Each run
+times the prefill and ``decode_tokens`` greedy decode steps, reads the cache's held bytes, and tracks peak
+memory: max allocated on CUDA; on CPU the process's resident set, sampled by a thread every millisecond, above
+what it was before the run. Reported figures are medians over repeats, with ratios to the full cache.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from statistics import median
+
+import torch
+
+from ..api import make_cache
+from ..data import essay_text
+from .runner import MethodSpec
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+class PeakMemory:
+    """Peak bytes above the start of the block: CUDA allocator on GPU, sampled RSS on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak = 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            self.base = _rss()
+            self._stop = threading.Event()
+            self._top = self.base
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self._top = max(self._top, _rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self._top, _rss()) - self.base
+        return False
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _one_run(model, spec: MethodSpec, ids: torch.Tensor, decode_tokens: int) -> dict:
+    device = ids.device
+    cache = make_cache(model, spec.name, **dict(spec.knobs))
+    with torch.no_grad(), PeakMemory(device) as peak:
+        start = time.perf_counter()
+        logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
+        _sync(device)
+        prefill = time.perf_counter() - start
+        token = logits.argmax(-1, keepdim=True)
+        start = time.perf_counter()
+        for _ in range(decode_tokens):
+            token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        _sync(device)
+        decode = time.perf_counter() - start
+    update = sum(getattr(layer, "update_seconds", 0.0) for layer in cache.layers)
+    return {"prefill_s": prefill, "decode_ms_per_token": 1000 * decode / decode_tokens,
+            "update_ms_per_token": 1000 * update / decode_tokens, "held_bytes": cache.memory().held_bytes,
+            "full_bytes": cache.memory().full_bytes, "peak_bytes": peak.peak}
+
+
+def run_bench(model, tokenizer, specs: list[MethodSpec], lengths: list[int], *, repeats: int = 3,
+              decode_tokens: int = 32, progress: bool = True) -> list[dict]:
+    """Median figures per (method, length), with ``*_vs_full`` ratios when ``full`` is among the methods."""
+    text_ids = tokenizer(essay_text("eval"), add_special_tokens=False).input_ids
+    device = next(model.parameters()).device
+    records = []
+    for length in lengths:
+        ids = torch.tensor([text_ids[:length]], device=device)
+        _one_run(model, specs[0], ids[:, :64], 2)  # warm-up: kernels, allocator, lazy imports
+        runs: dict[str, list[dict]] = {spec.label: [] for spec in specs}
+        for repeat in range(repeats):
+            order = specs if repeat % 2 == 0 else specs[::-1]
+            for spec in order:
+                runs[spec.label].append(_one_run(model, spec, ids, decode_tokens))
+                if progress:
+                    print(f"  bench {spec.label} @ {length}: repeat {repeat + 1}/{repeats}", flush=True)
+        for spec in specs:
+            summary = {key: median(run[key] for run in runs[spec.label]) for key in runs[spec.label][0]}
+            records.append({"method": spec.label, "length": length, "repeats": repeats, **summary})
+    _add_ratios(records)
+    return records
+
+
+def _add_ratios(records: list[dict]) -> None:
+    full = {r["length"]: r for r in records if r["method"] == "full"}
+    for record in records:
+        base = full.get(record["length"])
+        if base is None:
+            continue
+        for key in ("prefill_s", "decode_ms_per_token", "held_bytes", "peak_bytes"):
+            record[f"{key}_vs_full"] = record[key] / base[key] if base[key] else None
+
+
+def bench_table(records: list[dict]) -> str:
+    columns = ["method", "length", "prefill_s", "decode_ms_per_token", "update_ms_per_token", "held_bytes",
+               "peak_bytes", "prefill_s_vs_full", "decode_ms_per_token_vs_full", "held_bytes_vs_full",
+               "peak_bytes_vs_full"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in records:
+        cells = []
+        for c in columns:
+            value = r.get(c)
+            cells.append("" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_decode_time(records: list[dict], path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for method in sorted({r["method"] for r in records}):
+        points = sorted((r["length"], r["decode_ms_per_token"]) for r in records if r["method"] == method)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("decode ms / token (median)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
