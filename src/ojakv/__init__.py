@@ -1,6 +1,6 @@
 """ojakv: smaller KV caches for Hugging Face language models, with honest memory, quality and speed figures."""
 
-from .api import make_cache, methods
+from .api import compress, make_cache, methods
 from .cache import CompressedCache
 from .calibration import calibrate, load_calibration
 from .errors import OjaKVError
@@ -12,6 +12,7 @@ __all__ = [
     "MemoryReport",
     "OjaKVError",
     "calibrate",
+    "compress",
     "load_calibration",
     "load_model",
     "make_cache",

@@ -48,7 +48,7 @@ class MethodSpec:
         method.make_config(**dict(knobs))  # fail fast on a bad knob
         return cls(text.strip(), name, tuple(knobs))
 
-    def knobs_for(self, model, n_tokens: int, budget: float | None) -> dict:
+    def knobs_for(self, model, prompt_tokens: int, new_tokens: int, budget: float | None) -> dict:
         knobs = dict(self.knobs)
         if budget is None:
             return knobs
@@ -56,7 +56,7 @@ class MethodSpec:
         if method.for_budget is None:
             return knobs  # a method without a budget knob runs as given; its row reports the ratio it holds
         element = torch.empty(0, dtype=next(model.parameters()).dtype).element_size()
-        return {**knobs, **method.for_budget(knobs, geometry(model), n_tokens, element, budget)}
+        return {**knobs, **method.for_budget(knobs, geometry(model), prompt_tokens, new_tokens, element, budget)}
 
 
 def _key(record: dict) -> tuple:
@@ -127,7 +127,7 @@ def _generate(model, tokenizer, spec, budget, sample, placement, max_new_tokens)
     context = tokenizer(sample.context, add_special_tokens=False).input_ids
     question = tokenizer(sample.question, add_special_tokens=False).input_ids
     ids = torch.tensor([context + question], device=model.device)
-    knobs = spec.knobs_for(model, ids.shape[1] + max_new_tokens, budget)
+    knobs = spec.knobs_for(model, ids.shape[1], max_new_tokens, budget)
     cache = make_cache(model, spec.name, **knobs)
     start = time.perf_counter()
     with torch.no_grad():
@@ -152,7 +152,7 @@ def _perplexity(model, tokenizer, spec, budget, length, index, seed) -> dict:
     total = length + PPL_CONTINUATION
     start_at = (index * 7919 + seed * 104729) % max(1, len(ids) - total)
     ids = torch.tensor([ids[start_at : start_at + total]], device=model.device)
-    knobs = spec.knobs_for(model, total, budget)
+    knobs = spec.knobs_for(model, length, PPL_CONTINUATION, budget)
     cache = make_cache(model, spec.name, **knobs)
     nll, start = 0.0, time.perf_counter()
     with torch.no_grad():

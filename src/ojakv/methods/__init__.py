@@ -20,8 +20,9 @@ class Method:
 
     ``build(model, config)`` returns ``(layer_factory, track_positions)``: a callable ``(layer_idx, shared) ->
     CacheLayer`` and whether the layers need token positions stored (to re-apply RoPE at reconstruction).
-    ``for_budget(knobs, geometry, n_tokens, dtype_bytes, budget)``, where a method has one, returns the knobs
-    (its own, e.g. a rank) whose held bytes come closest to ``budget`` × the full cache's for ``n_tokens``.
+    ``for_budget(knobs, geometry, prompt_tokens, new_tokens, dtype_bytes, budget)``, where a method has one,
+    returns the knobs (its own: a rank, a token capacity) whose held bytes, once the prompt and the new tokens
+    are cached, come closest to ``budget`` × the full cache's.
     """
 
     name: str

@@ -347,8 +347,9 @@ def _build(model, config: OjaKVConfig):
     return factory, config.key_mode == "pre_rope"
 
 
-def _for_budget(knobs: dict, geometry, n_tokens: int, dtype_bytes: int, budget: float) -> dict:
+def _for_budget(knobs: dict, geometry, prompt_tokens: int, new_tokens: int, dtype_bytes: int, budget: float) -> dict:
     """The rank whose predicted held bytes (the README's formula, per layer and KV head) are closest to budget."""
+    n_tokens = prompt_tokens + new_tokens
     config = OjaKVConfig(**{**knobs, "rank_ratio": 0.5, "rank": None, "energy": None})
     d, s = geometry.head_dim, dtype_bytes
     full = 2 * n_tokens * d * s
