@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from ojakv.models import tiny_model
+from ojakv.storage import GrowableTensor
 
 
 @pytest.fixture(autouse=True)
@@ -70,3 +71,15 @@ def greedy_scores(model, ids, mask, cache, steps: int) -> torch.Tensor:
 
 def full_cache(model):
     return DynamicCache(config=model.config)
+
+
+def held_tensor_bytes(cache) -> int:
+    """Walk every layer's attributes and add up the storage of each tensor and growable buffer found."""
+    total = cache.shared.positions.nbytes if cache.shared.positions is not None else 0
+    for layer in cache.layers:
+        for value in vars(layer).values():
+            if isinstance(value, torch.Tensor):
+                total += value.numel() * value.element_size()
+            elif isinstance(value, GrowableTensor):
+                total += value.nbytes
+    return total

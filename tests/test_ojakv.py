@@ -8,10 +8,9 @@ import torch
 import ojakv
 from ojakv.calibration import calibrate
 from ojakv.errors import OjaKVError
-from ojakv.storage import GrowableTensor
 from ojakv.subspace import orthogonality_error
 
-from conftest import full_cache, greedy_scores, padded_batch
+from conftest import full_cache, greedy_scores, held_tensor_bytes, padded_batch
 
 SMALL = dict(n_sink=4, n_recent=8, n_residual=6, query_window=4)
 
@@ -86,20 +85,6 @@ def test_stored_tokens_reconstruct_no_worse_after_updates(tiny):
     assert (after_v - values[:, :, 4:32]).norm() <= err_v + 1e-4
 
 
-def _held_tensor_bytes(cache) -> int:
-    """Walk every layer's attributes and add up the storage of each tensor and growable buffer found."""
-    total = 0
-    for layer in cache.layers:
-        for value in vars(layer).values():
-            if isinstance(value, torch.Tensor):
-                total += value.numel() * value.element_size()
-            elif isinstance(value, GrowableTensor):
-                total += value.nbytes
-    if cache.shared.positions is not None:
-        total += cache.shared.positions.nbytes
-    return total
-
-
 @pytest.mark.parametrize("policy", ["positional", "residual"])
 @pytest.mark.parametrize("key_mode", ["pre_rope", "post_rope"])
 def test_memory_report_equals_the_tensors_held(tiny, policy, key_mode):
@@ -107,7 +92,7 @@ def test_memory_report_equals_the_tensors_held(tiny, policy, key_mode):
     cache = ojakv.make_cache(tiny, "ojakv", rank_ratio=0.5, init="prompt", key_mode=key_mode, policy=policy, **SMALL)
     greedy_scores(tiny, ids, mask, cache, steps=12)
     report = cache.memory()
-    assert report.held_bytes == _held_tensor_bytes(cache)
+    assert report.held_bytes == held_tensor_bytes(cache)
     g = cache.shared.geometry
     assert report.full_bytes == 2 * g.num_layers * 2 * g.num_kv_heads * cache.get_seq_length() * g.head_dim * 4
 
@@ -136,7 +121,6 @@ def test_memory_formula_at_4k_tokens_with_half_rank():
 
 
 def test_calibration_init_round_trip_and_mismatch_is_refused(tiny, tmp_path):
-    from transformers import PreTrainedTokenizerFast  # noqa: F401  (tokenizer stand-in below)
 
     class Tokens:
         def __call__(self, text, return_tensors=None, add_special_tokens=False):

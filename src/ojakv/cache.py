@@ -118,6 +118,14 @@ class CacheLayer(CacheLayerMixin):
         raise OjaKVError("beam search is not supported by compressed caches: use greedy or sampling decoding")
 
     # --- helpers for subclasses ---
+    def begin_update(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """What every ``update`` starts with: lazy init, then this call's attention inputs and step inputs."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        attention = self.take_attention_inputs()
+        batch, _, q, _ = key_states.shape
+        return attention, self.step_inputs(batch, q, key_states.device)
+
     def step_inputs(self, batch: int, q: int, device) -> StepInputs:
         """The current call's positions and padding mask; defaults when no hook told us (no padding)."""
         step = self.shared.step
@@ -195,6 +203,15 @@ class CompressedCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].get_seq_length()
 
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        """Sizes for the one mask transformers builds per forward: the longest any layer returns.
+
+        Layers that return fewer tokens (per-layer budgets) take the mask's last columns in the attention
+        pre-hook; kept tokens always map to the last columns, so the slice is exact.
+        """
+        longest = max(layer.returned_length() for layer in self.layers)
+        return longest + query_length, self.layers[0].seen - longest
+
     def begin_forward(self, attention_mask, position_ids, batch: int, q: int, device) -> None:
         self.shared.begin_forward(attention_mask, position_ids, batch, q, device)
 
@@ -236,7 +253,13 @@ def _attention_pre_hook(module, args, kwargs):
     if hidden is None or angles is None:
         return None
     cos, sin = angles
-    cache.layers[module.layer_idx].attention_inputs = AttentionInputs(module, hidden, cos, sin)
+    layer = cache.layers[module.layer_idx]
+    layer.attention_inputs = AttentionInputs(module, hidden, cos, sin)
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+        length = layer.returned_length() + hidden.shape[1]
+        if mask.shape[-1] > length:  # this layer keeps fewer tokens than the longest: its columns are the last
+            return args, {**kwargs, "attention_mask": mask[..., -length:]}
     return None
 
 

@@ -59,10 +59,7 @@ class _CollectorLayer(CacheLayer):
         self.sums = sums
 
     def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        attention = self.take_attention_inputs()
-        step = self.step_inputs(key_states.shape[0], key_states.shape[2], key_states.device)
+        attention, step = self.begin_update(key_states, value_states)
         weight = step.valid.clone()
         weight[:, :SKIP_FIRST] = False
         weight = weight.unsqueeze(1).expand(-1, key_states.shape[1], -1)

@@ -7,7 +7,7 @@ import torch
 # Capacity grows geometrically, so appends stay amortised O(1), by a small factor, so that spare capacity
 # (reported as growth slack) stays within max(MIN_GROWTH tokens, 3%) of what is stored.
 GROWTH = 1.03
-MIN_GROWTH = 64  # tokens
+MIN_GROWTH = 16  # tokens
 
 
 class GrowableTensor:

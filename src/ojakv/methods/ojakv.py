@@ -123,11 +123,8 @@ class OjaKVLayer(CacheLayer):
 
     # --- update ---------------------------------------------------------------------------------------------
     def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        attention = self.take_attention_inputs()
-        batch, _, q, _ = key_states.shape
-        step = self.step_inputs(batch, q, key_states.device)
+        attention, step = self.begin_update(key_states, value_states)
+        q = key_states.shape[2]
         if self.seen == 0:
             out = self._prefill(key_states, value_states, step, attention)
         else:
@@ -326,7 +323,7 @@ def _residual_scores(queries: torch.Tensor, residual: torch.Tensor) -> torch.Ten
     return (grouped @ residual.transpose(-1, -2)).abs().mean(2)
 
 
-def _build(model, config: OjaKVConfig):
+def build_low_rank(model, config: OjaKVConfig):
     from ..calibration import load_calibration
     from ..models import geometry
 
@@ -347,22 +344,27 @@ def _build(model, config: OjaKVConfig):
     return factory, config.key_mode == "pre_rope"
 
 
-def _for_budget(knobs: dict, geometry, prompt_tokens: int, new_tokens: int, dtype_bytes: int, budget: float) -> dict:
-    """The rank whose predicted held bytes (the README's formula, per layer and KV head) are closest to budget."""
-    n_tokens = prompt_tokens + new_tokens
-    config = OjaKVConfig(**{**knobs, "rank_ratio": 0.5, "rank": None, "energy": None})
-    d, s = geometry.head_dim, dtype_bytes
-    full = 2 * n_tokens * d * s
-    anchors = min(n_tokens, config.n_sink + config.n_recent)
-    exact = min(config.n_residual, n_tokens - anchors) if config.policy == "residual" else 0
-    positions = 4 * n_tokens / (geometry.num_layers * geometry.num_kv_heads) if config.key_mode == "pre_rope" else 0
+def budget_to_rank(config_class: type):
+    """A ``for_budget`` for low-rank methods: the rank whose predicted held bytes (the README's formula, per layer
+    and KV head, with this config class's anchors and policy) come closest to the budget."""
 
-    def held(r: int) -> float:
-        body = 2 * (n_tokens - anchors) * r * s
-        return 2 * anchors * d * s + body + 4 * d * r * 4 + exact * (2 * d * s + 12) + positions
+    def for_budget(knobs, geometry, prompt_tokens, new_tokens, dtype_bytes, budget) -> dict:
+        config = config_class(**{**knobs, "rank_ratio": 0.5, "rank": None, "energy": None})
+        n_tokens = prompt_tokens + new_tokens
+        d, s = geometry.head_dim, dtype_bytes
+        full = 2 * n_tokens * d * s
+        anchors = min(n_tokens, config.n_sink + config.n_recent)
+        exact = min(config.n_residual, n_tokens - anchors) if config.policy == "residual" else 0
+        positions = 4 * n_tokens / (geometry.num_layers * geometry.num_kv_heads) if config.key_mode == "pre_rope" else 0
 
-    best = min(range(1, d + 1), key=lambda r: abs(held(r) / full - budget))
-    return {"rank": best, "rank_ratio": None, "energy": None}
+        def held(r: int) -> float:
+            body = 2 * (n_tokens - anchors) * r * s
+            return 2 * anchors * d * s + body + 4 * d * r * 4 + exact * (2 * d * s + 12) + positions
+
+        best = min(range(1, d + 1), key=lambda r: abs(held(r) / full - budget))
+        return {"rank": best, "rank_ratio": None, "energy": None}
+
+    return for_budget
 
 
 register(
@@ -370,9 +372,9 @@ register(
         name="ojakv",
         summary="hybrid anchors + low-rank body in per-head subspaces adapted online by Oja's rule",
         config_class=OjaKVConfig,
-        build=_build,
+        build=build_low_rank,
         reference="Zhu et al., OjaKV, arXiv 2509.21623",
-        for_budget=_for_budget,
+        for_budget=budget_to_rank(OjaKVConfig),
     )
 )
 
@@ -387,8 +389,8 @@ register(
         name="ojakv-pf",
         summary="OjaKV with full-precision prefill attention (compression from decoding on)",
         config_class=OjaKVPFConfig,
-        build=_build,
+        build=build_low_rank,
         reference="Zhu et al., OjaKV, arXiv 2509.21623",
-        for_budget=_for_budget,
+        for_budget=budget_to_rank(OjaKVPFConfig),
     )
 )

@@ -1,0 +1,111 @@
+"""Shared machinery for token-selection methods: keep a subset of tokens per KV head, at full precision.
+
+Not a method itself. A selection layer holds kept keys/values ``[b, h, k, d]`` (the same count k for every
+sequence and head, different tokens), returns fewer tokens than it has seen, and reports mask sizes so that
+transformers lines its 2-D padding mask up with them: kept tokens map to the last mask columns, which are real
+tokens under left padding, because selection never keeps padding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..cache import AttentionInputs, CacheLayer, SharedState, StepInputs, growable_segments
+from ..errors import OjaKVError
+from ..models import compute_queries
+from ..storage import GrowableTensor
+
+
+class SelectionLayer(CacheLayer):
+    """Prefill: attend to everything, then keep ``select(...)`` tokens; decode: append (subclasses may evict)."""
+
+    def __init__(self, layer_idx: int, shared: SharedState):
+        super().__init__(layer_idx, shared)
+        self.keys_buf, self.values_buf = GrowableTensor(), GrowableTensor()
+
+    def returned_length(self) -> int:
+        return self.keys_buf.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        kept = self.keys_buf.length
+        return kept + query_length, self.seen - kept
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        attention, step = self.begin_update(key_states, value_states)
+        q = key_states.shape[2]
+        if self.seen == 0:
+            keep = self.select(key_states, value_states, step, attention)
+            rows = keep.unsqueeze(-1).expand(-1, -1, -1, key_states.shape[-1])
+            self.keys_buf.append(key_states.gather(2, rows))
+            self.values_buf.append(value_states.gather(2, rows))
+            self.seen += q
+            return key_states, value_states  # the prompt itself is attended to in full
+        self.keys_buf.append(key_states)
+        self.values_buf.append(value_states)
+        self.seen += q
+        self.after_append(attention)
+        return self.keys_buf.view, self.values_buf.view
+
+    def select(self, keys, values, step: StepInputs, attention: AttentionInputs | None) -> torch.Tensor:
+        """Indices [b, h, k] (ascending) of the prompt tokens to keep."""
+        raise NotImplementedError
+
+    def after_append(self, attention: AttentionInputs | None) -> None:
+        """Decode-time eviction hook (default: keep everything appended)."""
+
+    def segments(self) -> dict[str, int]:
+        return growable_segments(kept_tokens=(self.keys_buf, self.values_buf))
+
+
+def observation_scores(keys: torch.Tensor, attention: AttentionInputs | None, step: StepInputs,
+                       window: int) -> torch.Tensor:
+    """SnapKV's votes: softmax attention of the last ``window`` prompt queries over the earlier tokens, summed over
+    those queries and averaged over each KV head's query group (GQA: one score per KV head). [b, h, n]."""
+    if attention is None:
+        raise OjaKVError("token selection needs the model's queries: build the cache with ojakv.make_cache(model, ...)")
+    b, h, n, d = keys.shape
+    w = min(window, n)
+    queries = compute_queries(attention.module, attention.hidden_states[:, -w:], attention.cos[:, -w:],
+                              attention.sin[:, -w:]).float()
+    groups = queries.shape[1] // h
+    logits = queries.view(b, h, groups, w, d) @ keys.float().unsqueeze(2).transpose(-1, -2) / d**0.5
+    positions = torch.arange(n, device=keys.device)
+    causal = positions[None, :] <= positions[n - w :, None]  # [w, n]
+    valid = step.valid[:, None, None, None, :] & causal
+    logits = logits.masked_fill(~valid, float("-inf"))
+    votes = torch.softmax(logits, dim=-1).mul(step.valid[:, None, None, -w:, None]).sum(3).mean(2)
+    return votes
+
+
+def pool_scores(scores: torch.Tensor, kernel: int, how: str) -> torch.Tensor:
+    """1-D pooling along tokens (kernel odd, stride 1, same length) so neighbours of a hit are kept too."""
+    if kernel <= 1:
+        return scores
+    flat = scores.reshape(-1, 1, scores.shape[-1])
+    pad = kernel // 2
+    if how == "max":
+        pooled = torch.nn.functional.max_pool1d(flat, kernel, stride=1, padding=pad)
+    else:
+        pooled = torch.nn.functional.avg_pool1d(flat, kernel, stride=1, padding=pad, count_include_pad=False)
+    return pooled.reshape(scores.shape)
+
+
+def top_tokens_with_window(scores: torch.Tensor, step: StepInputs, capacity: int, window: int) -> torch.Tensor:
+    """Indices [b, h, k] of the last ``window`` tokens plus the best-scoring earlier real tokens, k ≤ capacity.
+
+    k is the same for every sequence: capacity, or fewer when a sequence has fewer real tokens (padding is never
+    kept). If the whole prompt fits the capacity, every token is kept (padding too, masked as in a full cache),
+    so the no-compression setting is the full cache.
+    """
+    b, h, n = scores.shape
+    if capacity >= n:
+        return torch.arange(n, device=scores.device).expand(b, h, n)
+    real = int(step.valid.sum(-1).min())
+    keep = min(capacity, real)
+    w = min(window, keep)
+    earlier = keep - w
+    scores = scores.masked_fill(~step.valid[:, None, :], float("-inf"))
+    scores[..., n - w :] = float("-inf")  # the window is kept anyway
+    chosen = scores.topk(earlier, dim=-1).indices if earlier > 0 else scores.new_zeros(b, h, 0, dtype=torch.long)
+    tail = torch.arange(n - w, n, device=scores.device).expand(b, h, w)
+    return torch.cat([chosen, tail], dim=-1).sort(dim=-1).values

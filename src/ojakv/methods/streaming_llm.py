@@ -1,0 +1,68 @@
+"""``streaming-llm``: the first ``n_sink`` tokens (attention sinks) plus a sliding window of recent tokens.
+
+Xiao et al., arXiv 2309.17453. Eviction happens at prefill and at every decode step, so memory stays constant.
+Keys keep the positions they were cached with (no re-rotation to in-cache positions: the paper's ``pos_shift``
+would also have to move the query's position, which lives outside the cache).
+Defaults follow the paper: 4 sinks; the window is the method's budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import OjaKVError
+from . import Method, knob, register
+from .selection import SelectionLayer
+
+
+@dataclass
+class StreamingLLMConfig:
+    n_sink: int = knob(4, "first real tokens always kept (attention sinks)")
+    window: int = knob(1020, "most recent tokens kept")
+
+    def validate(self) -> None:
+        if self.n_sink < 0 or self.window < 1:
+            raise OjaKVError(f"streaming-llm needs n_sink >= 0 and window >= 1, got {self.n_sink}, {self.window}")
+
+
+class StreamingLLMLayer(SelectionLayer):
+    def __init__(self, layer_idx, shared, config: StreamingLLMConfig):
+        super().__init__(layer_idx, shared)
+        self.config = config
+
+    def select(self, keys, values, step, attention):
+        b, h, n, _ = keys.shape
+        if self.config.n_sink + self.config.window >= n:
+            return torch.arange(n, device=keys.device).expand(b, h, n)
+        first_real = (~step.valid).sum(-1)  # left padding: real tokens start here, per sequence
+        sinks = first_real[:, None] + torch.arange(self.config.n_sink, device=keys.device)
+        recent = torch.arange(n - self.config.window, n, device=keys.device).expand(b, -1)
+        keep = torch.cat([sinks, recent], dim=-1).clamp(max=n - 1)
+        return keep[:, None, :].expand(b, h, -1)
+
+    def after_append(self, attention) -> None:
+        kept, limit = self.keys_buf.length, self.config.n_sink + self.config.window
+        if kept <= limit:
+            return
+        sink, window = self.config.n_sink, self.config.window
+        for buffer in (self.keys_buf, self.values_buf):
+            view = buffer.view
+            retained = torch.cat([view[:, :, :sink], view[:, :, kept - window :]], dim=2)
+            buffer.clear()
+            buffer.append(retained)
+
+
+def _build(model, config: StreamingLLMConfig):
+    return (lambda i, shared: StreamingLLMLayer(i, shared, config)), False
+
+
+def _for_budget(knobs, geometry, prompt_tokens, new_tokens, dtype_bytes, budget):
+    n_sink = knobs.get("n_sink", StreamingLLMConfig.n_sink)
+    return {"window": max(1, round(budget * (prompt_tokens + new_tokens)) - n_sink)}
+
+
+register(Method(name="streaming-llm", summary="attention sinks + a sliding window; evicts while decoding",
+                config_class=StreamingLLMConfig, build=_build, reference="Xiao et al., StreamingLLM, arXiv 2309.17453",
+                for_budget=_for_budget))

@@ -1,0 +1,83 @@
+"""The shared test matrix every registered method must pass (a new method adds its row to NO_COMPRESSION)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ojakv
+from ojakv.evaluation import MethodSpec
+from ojakv.methods import get_method, registered
+from ojakv.models import geometry, tiny_model
+from ojakv.storage import GrowableTensor
+
+from conftest import full_cache, greedy_scores, held_tensor_bytes, padded_batch
+
+# Each method's setting that must reproduce the full cache exactly (init="prompt" where a method would otherwise
+# need an offline calibration file).
+NO_COMPRESSION = {
+    "full": {},
+    "ojakv": dict(rank_ratio=1.0, eta_decode=0.0),
+    "ojakv-pf": dict(rank_ratio=1.0, eta_decode=0.0),
+    "staticpca": dict(rank_ratio=1.0, init="prompt"),
+    "staticpca-h": dict(rank_ratio=1.0, init="prompt"),
+    "streaming-llm": dict(window=100_000),
+    "snapkv": dict(capacity=100_000),
+    "pyramidkv": dict(capacity=100_000),
+}
+# Knobs for a compressing run that needs no calibration file.
+COMPRESSING = {
+    "ojakv": {}, "ojakv-pf": {}, "staticpca": dict(init="prompt"), "staticpca-h": dict(init="prompt"),
+    "streaming-llm": dict(window=40), "snapkv": dict(capacity=48, window=8), "pyramidkv": dict(capacity=48, window=8),
+}
+METHODS = sorted(registered())
+
+
+def test_every_registered_method_is_in_the_matrix():
+    assert set(METHODS) == set(NO_COMPRESSION) and set(COMPRESSING) == set(METHODS) - {"full"}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_no_compression_setting_reproduces_the_full_cache(tiny, method):
+    ids, mask = padded_batch(tiny.config.vocab_size, (96, 71), seed=11)
+    reference = greedy_scores(tiny, ids, mask, full_cache(tiny), steps=24)
+    cache = ojakv.make_cache(tiny, method, **NO_COMPRESSION[method])
+    assert (greedy_scores(tiny, ids, mask, cache, steps=24) - reference).abs().max() <= 1e-4
+
+
+def _stored_tensors(layer):
+    for value in vars(layer).values():
+        if isinstance(value, GrowableTensor) and value.view is not None:
+            yield value.view
+        elif isinstance(value, torch.Tensor) and value.dim() == 4:
+            yield value
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "full"])
+def test_compressing_run_holds_what_it_reports_per_kv_head(tiny, method):
+    ids, mask = padded_batch(tiny.config.vocab_size, (120, 101), seed=12)
+    cache = ojakv.make_cache(tiny, method, **COMPRESSING[method])
+    scores = greedy_scores(tiny, ids, mask, cache, steps=16)
+    assert torch.isfinite(scores).all()
+    report = cache.memory()
+    assert report.held_bytes == held_tensor_bytes(cache)
+    assert report.held_bytes < report.full_bytes
+    kv_heads = geometry(tiny).num_kv_heads
+    for layer in cache.layers:  # GQA: storage per KV head, never per query head
+        for tensor in _stored_tensors(layer):
+            assert tensor.shape[0] == 2 and tensor.shape[1] == kv_heads
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if get_method(m).for_budget is not None])
+@pytest.mark.parametrize("budget", [0.6, 0.4, 0.25])
+def test_budget_is_met_within_two_hundredths(method, budget):
+    model = tiny_model("llama", num_layers=2, num_heads=2, num_kv_heads=1, head_dim=64, max_context=4096)
+    prompt, new = 1536, 16
+    spec = MethodSpec.parse(method + (":init=prompt" if method.startswith("staticpca") else ""))
+    knobs = spec.knobs_for(model, prompt, new, budget)
+    cache = ojakv.make_cache(model, method, **knobs)
+    ids = torch.randint(3, model.config.vocab_size, (1, prompt))
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=new,
+                       min_new_tokens=new, do_sample=False, pad_token_id=0)
+    assert abs(cache.memory().ratio - budget) <= 0.02, (knobs, cache.memory().ratio)
