@@ -35,6 +35,7 @@ def _assert_one_line_error(code: int, err: str, *needles: str) -> None:
         (["--method", "full", "--rank-ratio", "0.5", "--prompt", "hi"], ["has no knob rank_ratio"]),
         (["--passkey", "10"], ["--passkey needs at least 64 tokens"]),
         (["--max-new-tokens", "0", "--prompt", "hi"], ["--max-new-tokens must be >= 1"]),
+        (["--budget", "1.5", "--prompt", "hi"], ["--budget is a fraction of the full cache"]),
     ],
 )
 def test_generate_rejects_bad_input_before_loading_the_model(capsys, argv, needles):

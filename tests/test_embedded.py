@@ -117,3 +117,31 @@ def test_prompt_longer_than_the_context_is_refused(smol, tmp_path, capsys):
     code = main(["generate", "--method", "ojakv", "--prompt-file", str(long_file), "--raw"])
     err = capsys.readouterr().err
     assert code == 2 and "exceed the model's context of 8192" in err and "Traceback" not in err
+
+
+COMPRESSING = {"ojakv": {}, "ojakv-pf": {}, "staticpca": {}, "staticpca-h": {}, "streaming-llm": dict(window=64),
+               "snapkv": dict(capacity=96), "pyramidkv": dict(capacity=96), "full": {}}
+
+
+@pytest.mark.parametrize("method", sorted(COMPRESSING))
+def test_every_method_generates_a_padded_batch_on_the_embedded_model(smol, method):
+    model, tokenizer = smol
+    prompts = [passkey_prompt(tokenizer, 400, seed=5)[0], passkey_prompt(tokenizer, 250, seed=6)[0]]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    assert (batch.attention_mask[1] == 0).any()  # the shorter prompt is left-padded
+    cache = ojakv.make_cache(model, method, **COMPRESSING[method])
+    with torch.no_grad():
+        out = model.generate(**batch, past_key_values=cache, max_new_tokens=6, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+    assert all(text.strip() for text in texts)
+    assert cache.memory().held_bytes > 0
+
+
+def test_cli_generate_meets_a_budget(smol, tmp_path, capsys):
+    out = tmp_path / "budget.json"
+    code = main(["generate", "--method", "snapkv", "--budget", "0.4", "--passkey", "1000", "--max-new-tokens", "8",
+                 "--json", str(out)])
+    capsys.readouterr()
+    assert code == 0
+    assert abs(json.loads(out.read_text())["memory"]["ratio"] - 0.4) <= 0.02

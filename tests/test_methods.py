@@ -45,6 +45,16 @@ def test_no_compression_setting_reproduces_the_full_cache(tiny, method):
     assert (greedy_scores(tiny, ids, mask, cache, steps=24) - reference).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "phi3"])
+@pytest.mark.parametrize("method", ["ojakv", "snapkv", "streaming-llm"])
+def test_every_supported_family_is_exact_at_no_compression(model_type, method):
+    model = tiny_model(model_type, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, max_context=1024)
+    ids, mask = padded_batch(model.config.vocab_size, (64, 50), seed=13)
+    reference = greedy_scores(model, ids, mask, full_cache(model), steps=10)
+    cache = ojakv.make_cache(model, method, **NO_COMPRESSION[method])
+    assert (greedy_scores(model, ids, mask, cache, steps=10) - reference).abs().max() <= 1e-4
+
+
 def _stored_tensors(layer):
     for value in vars(layer).values():
         if isinstance(value, GrowableTensor) and value.view is not None:

@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true",
                      help="do not wrap --prompt/--prompt-file in the model's chat template (pass-key prompts are plain)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--budget", type=float, help="held bytes / full-cache bytes to aim for (sets the method's "
+                     "size knob: OjaKV's rank, SnapKV's capacity, ...)")
     gen.add_argument("--seed", type=int, default=0, help="seed for the pass-key prompt")
     gen.add_argument("--json", type=Path, dest="json_out", help="write completion, config and memory here")
     _add_knob_flags(gen)
@@ -204,7 +206,7 @@ def _generate(args) -> int:
     import torch
 
     from .api import make_cache
-    from .methods import get_method
+    from .methods import get_method, knobs_for_budget
     from .models import geometry, load_model
 
     spec = get_method(args.method)
@@ -212,6 +214,8 @@ def _generate(args) -> int:
     spec.make_config(**knobs)  # validate before the model loads: bad input fails fast
     if args.max_new_tokens < 1:
         raise OjaKVError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.budget is not None and not 0.0 < args.budget <= 1.0:
+        raise OjaKVError(f"--budget is a fraction of the full cache in (0, 1], got {args.budget}")
     text = _user_text(args)  # read and checked before the model loads: bad input fails fast
     model, tokenizer = load_model(args.model)
     prompt, expected = _prompt_text(args, text, tokenizer)
@@ -221,6 +225,8 @@ def _generate(args) -> int:
     if n_prompt + args.max_new_tokens > limit:
         raise OjaKVError(f"prompt ({n_prompt} tokens) + {args.max_new_tokens} new tokens exceed the model's "
                          f"context of {limit}: shorten the prompt or lower --max-new-tokens")
+    if args.budget is not None:
+        knobs = knobs_for_budget(args.method, knobs, model, n_prompt, args.max_new_tokens, args.budget)
     cache = make_cache(model, args.method, **knobs)
     with torch.no_grad():
         out = model.generate(**ids, past_key_values=cache, max_new_tokens=args.max_new_tokens, do_sample=False,

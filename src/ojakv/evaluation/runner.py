@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..api import make_cache
 from ..atomic import atomic_path
 from ..errors import OjaKVError
-from ..methods import get_method, parse_value
+from ..methods import get_method, knobs_for_budget, parse_value
 from ..models import geometry
 from .tasks import expand_tasks, make_sample, string_match_all
 
@@ -49,14 +49,9 @@ class MethodSpec:
         return cls(text.strip(), name, tuple(knobs))
 
     def knobs_for(self, model, prompt_tokens: int, new_tokens: int, budget: float | None) -> dict:
-        knobs = dict(self.knobs)
         if budget is None:
-            return knobs
-        method = get_method(self.name)
-        if method.for_budget is None:
-            return knobs  # a method without a budget knob runs as given; its row reports the ratio it holds
-        element = torch.empty(0, dtype=next(model.parameters()).dtype).element_size()
-        return {**knobs, **method.for_budget(knobs, geometry(model), prompt_tokens, new_tokens, element, budget)}
+            return dict(self.knobs)
+        return knobs_for_budget(self.name, dict(self.knobs), model, prompt_tokens, new_tokens, budget)
 
 
 def _key(record: dict) -> tuple:

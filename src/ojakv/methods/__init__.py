@@ -52,6 +52,21 @@ class Method:
         return config
 
 
+def knobs_for_budget(name: str, knobs: dict, model, prompt_tokens: int, new_tokens: int, budget: float) -> dict:
+    """``knobs`` plus the method's own size knobs for a held-bytes budget (unchanged if it has no size knob)."""
+    import torch
+
+    from ..models import geometry
+
+    if not 0.0 < budget <= 1.0:
+        raise OjaKVError(f"a budget is a fraction of the full cache in (0, 1], got {budget}")
+    method = get_method(name)
+    if method.for_budget is None:
+        return dict(knobs)
+    element = torch.empty(0, dtype=next(model.parameters()).dtype).element_size()
+    return {**knobs, **method.for_budget(knobs, geometry(model), prompt_tokens, new_tokens, element, budget)}
+
+
 _REGISTRY: dict[str, Method] = {}
 
 
