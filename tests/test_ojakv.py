@@ -193,3 +193,22 @@ def test_calibration_initialised_bases_at_full_rank_equal_the_full_cache(tiny, t
     cache = ojakv.make_cache(tiny, "ojakv", rank_ratio=1.0, init="calibration", calibration_file=str(path), key_mode=key_mode,
                              update_interval=4, **SMALL)
     assert (greedy_scores(tiny, ids, mask, cache, steps=20) - reference).abs().max() <= 1e-4
+
+
+def test_interrupted_calibration_leaves_no_file_behind(tiny, tmp_path, monkeypatch):
+    import ojakv.calibration as calibration_module
+
+    class Tokens:
+        def __call__(self, text, return_tensors=None, add_special_tokens=False):
+            return type("Encoded", (), {"input_ids": torch.tensor([[3 + (ord(c) % 100) for c in text]])})()
+
+    def interrupted(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(calibration_module, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(tiny, Tokens(), "text to fit. " * 40, chunk_tokens=256, path=tmp_path / "c.safetensors",
+                  progress=False)
+    assert list(tmp_path.iterdir()) == []
