@@ -24,11 +24,14 @@ NO_COMPRESSION = {
     "streaming-llm": dict(window=100_000),
     "snapkv": dict(capacity=100_000),
     "pyramidkv": dict(capacity=100_000),
+    "h2o": dict(heavy=50_000, recent=50_000),
+    "h2o-prefill": dict(capacity=100_000),
 }
 # Knobs for a compressing run that needs no calibration file.
 COMPRESSING = {
     "ojakv": {}, "ojakv-pf": {}, "staticpca": dict(init="prompt"), "staticpca-h": dict(init="prompt"),
     "streaming-llm": dict(window=40), "snapkv": dict(capacity=48, window=8), "pyramidkv": dict(capacity=48, window=8),
+    "h2o": dict(heavy=24, recent=24), "h2o-prefill": dict(capacity=48),
 }
 METHODS = sorted(registered())
 
@@ -91,3 +94,37 @@ def test_budget_is_met_within_two_hundredths(method, budget):
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=new,
                        min_new_tokens=new, do_sample=False, pad_token_id=0)
     assert abs(cache.memory().ratio - budget) <= 0.02, (knobs, cache.memory().ratio)
+
+
+def test_attention_votes_match_a_dense_reference(tiny):
+    from ojakv.cache import AttentionInputs, StepInputs
+    from ojakv.methods.selection import attention_votes
+
+    torch.manual_seed(0)
+    attn = tiny.model.layers[0].self_attn
+    b, n, h, d = 2, 37, 2, 16
+    hidden = torch.randn(b, n, tiny.config.hidden_size)
+    positions = torch.arange(n).expand(b, n)
+    cos, sin = tiny.model.rotary_emb(hidden, positions)
+    keys = torch.randn(b, h, n, d)
+    valid = torch.ones(b, n, dtype=torch.bool)
+    valid[1, :5] = False
+    votes = attention_votes(keys, AttentionInputs(attn, hidden, cos, sin), StepInputs(positions, valid), 20, chunk=7)
+    from ojakv.models import compute_queries
+
+    q = compute_queries(attn, hidden, cos, sin)[:, :, n - 20 :]  # [b, 4, 20, d]
+    logits = q @ keys.repeat_interleave(2, dim=1).transpose(-1, -2) / d**0.5
+    visible = (torch.arange(n)[None, :] <= torch.arange(n - 20, n)[:, None]) & valid[:, None, None, :]
+    probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
+    reference = probs.sum(2).view(b, h, 2, n).mean(2)
+    assert torch.allclose(votes, reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("method, knobs, size", [("h2o", dict(heavy=20, recent=12), 32),
+                                                 ("streaming-llm", dict(n_sink=4, window=28), 32)])
+def test_decode_time_eviction_keeps_memory_constant(tiny, method, knobs, size):
+    ids, mask = padded_batch(tiny.config.vocab_size, (100, 90), seed=14)
+    cache = ojakv.make_cache(tiny, method, **knobs)
+    greedy_scores(tiny, ids, mask, cache, steps=20)
+    assert [layer.returned_length() for layer in cache.layers] == [size] * len(cache.layers)
+    assert cache.get_seq_length() == 100 + 19

@@ -57,24 +57,45 @@ class SelectionLayer(CacheLayer):
         return growable_segments(kept_tokens=(self.keys_buf, self.values_buf))
 
 
-def observation_scores(keys: torch.Tensor, attention: AttentionInputs | None, step: StepInputs,
-                       window: int) -> torch.Tensor:
-    """SnapKV's votes: softmax attention of the last ``window`` prompt queries over the earlier tokens, summed over
-    those queries and averaged over each KV head's query group (GQA: one score per KV head). [b, h, n]."""
+def attention_votes(keys: torch.Tensor, attention: AttentionInputs | None, step: StepInputs, n_queries: int,
+                    chunk: int = 256) -> torch.Tensor:
+    """Softmax attention that the last ``n_queries`` prompt queries pay to each prompt token (causal, padding
+    excluded), summed over those queries and averaged over each KV head's query group: [b, h, n].
+
+    SnapKV's observation-window votes (n_queries = window) and H2O's accumulated attention (n_queries = n).
+    Queries go in chunks so the scores never hold more than chunk × n per head.
+    """
     if attention is None:
         raise OjaKVError("token selection needs the model's queries: build the cache with ojakv.make_cache(model, ...)")
     b, h, n, d = keys.shape
-    w = min(window, n)
-    queries = compute_queries(attention.module, attention.hidden_states[:, -w:], attention.cos[:, -w:],
-                              attention.sin[:, -w:]).float()
-    groups = queries.shape[1] // h
-    logits = queries.view(b, h, groups, w, d) @ keys.float().unsqueeze(2).transpose(-1, -2) / d**0.5
+    w = min(n_queries, n)
+    keys_t = keys.float().unsqueeze(2).transpose(-1, -2)  # [b, h, 1, d, n]
     positions = torch.arange(n, device=keys.device)
-    causal = positions[None, :] <= positions[n - w :, None]  # [w, n]
-    valid = step.valid[:, None, None, None, :] & causal
-    logits = logits.masked_fill(~valid, float("-inf"))
-    votes = torch.softmax(logits, dim=-1).mul(step.valid[:, None, None, -w:, None]).sum(3).mean(2)
+    votes = keys.new_zeros(b, h, n, dtype=torch.float32)
+    for start in range(n - w, n, chunk):
+        stop = min(start + chunk, n)
+        queries = compute_queries(attention.module, attention.hidden_states[:, start:stop],
+                                  attention.cos[:, start:stop], attention.sin[:, start:stop]).float()
+        groups = queries.shape[1] // h
+        logits = queries.view(b, h, groups, stop - start, d) @ keys_t / d**0.5
+        causal = positions[None, :] <= positions[start:stop, None]
+        logits = logits.masked_fill(~(step.valid[:, None, None, None, :] & causal), float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a padded query row has no visible key
+        votes += probs.mul(step.valid[:, None, None, start:stop, None]).sum(3).mean(2)
     return votes
+
+
+def current_attention(keys: torch.Tensor, attention: AttentionInputs | None) -> torch.Tensor:
+    """Attention of this step's queries over ``keys`` (the tokens held, new ones included), summed over the
+    step's queries and averaged over each KV head's group: [b, h, n]. Causality within the step is ignored
+    (a decode step has one query)."""
+    if attention is None:
+        raise OjaKVError("token selection needs the model's queries: build the cache with ojakv.make_cache(model, ...)")
+    b, h, n, d = keys.shape
+    queries = compute_queries(attention.module, attention.hidden_states, attention.cos, attention.sin).float()
+    groups, q = queries.shape[1] // h, queries.shape[2]
+    logits = queries.view(b, h, groups, q, d) @ keys.float().unsqueeze(2).transpose(-1, -2) / d**0.5
+    return torch.softmax(logits, dim=-1).sum(3).mean(2)
 
 
 def pool_scores(scores: torch.Tensor, kernel: int, how: str) -> torch.Tensor:

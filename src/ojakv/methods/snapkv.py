@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ..errors import OjaKVError
 from . import Method, knob, register
-from .selection import SelectionLayer, observation_scores, pool_scores, top_tokens_with_window
+from .selection import SelectionLayer, attention_votes, pool_scores, top_tokens_with_window
 
 
 @dataclass
@@ -38,7 +38,7 @@ class SnapKVLayer(SelectionLayer):
         self.capacity = capacity if capacity is not None else config.capacity
 
     def select(self, keys, values, step, attention):
-        votes = observation_scores(keys, attention, step, self.config.window)
+        votes = attention_votes(keys, attention, step, self.config.window)
         votes = pool_scores(votes, self.config.kernel, self.config.pooling)
         return top_tokens_with_window(votes, step, self.capacity, self.config.window)
 

@@ -1,0 +1,114 @@
+"""H2O heavy hitters, both variants under distinct names (Zhang et al., arXiv 2306.14048).
+
+- ``h2o``: the original, decode-time method. Every token accumulates the attention it receives (the prompt's
+  queries at prefill, then each decoded query); when the cache exceeds ``heavy + recent`` tokens, the token with
+  the least accumulated attention outside the recent window is evicted, per KV head.
+- ``h2o-prefill``: the one-shot variant later papers use as a baseline (SnapKV, PyramidKV): score each prompt
+  token once by the attention all prompt queries pay it, keep the top ``capacity - recent`` plus the last
+  ``recent`` (8, as KVCache-Factory), append decoded tokens without eviction.
+
+Attention is recomputed from the layer's queries for scoring (SDPA does not expose its probabilities), with the
+query heads of each GQA group averaged, so storage and scores stay per KV head. Accumulated scores favour early
+tokens, which more queries see: that is the original method's behaviour, kept as is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import OjaKVError
+from ..memory import nbytes
+from . import Method, knob, register
+from .selection import SelectionLayer, attention_votes, current_attention, top_tokens_with_window
+
+
+@dataclass
+class H2OConfig:
+    heavy: int = knob(512, "heavy-hitter tokens kept by accumulated attention")
+    recent: int = knob(512, "most recent tokens always kept")
+
+    def validate(self) -> None:
+        if self.heavy < 0 or self.recent < 1:
+            raise OjaKVError(f"h2o needs heavy >= 0 and recent >= 1, got {self.heavy}, {self.recent}")
+
+
+class H2OLayer(SelectionLayer):
+    def __init__(self, layer_idx, shared, config: H2OConfig):
+        super().__init__(layer_idx, shared)
+        self.config = config
+        self.scores: torch.Tensor | None = None  # accumulated attention per kept token, [b, h, kept] float32
+
+    def select(self, keys, values, step, attention):
+        votes = attention_votes(keys, attention, step, keys.shape[2])
+        keep = top_tokens_with_window(votes, step, self.config.heavy + self.config.recent, self.config.recent)
+        self.scores = votes.gather(2, keep)
+        return keep
+
+    def after_append(self, attention) -> None:
+        keys = self.keys_buf.view
+        new = keys.shape[2] - self.scores.shape[2]
+        self.scores = torch.cat([self.scores, self.scores.new_zeros(*self.scores.shape[:2], new)], dim=2)
+        self.scores += current_attention(keys, attention)
+        excess = keys.shape[2] - (self.config.heavy + self.config.recent)
+        if excess > 0:
+            self._evict(excess)
+
+    def _evict(self, count: int) -> None:
+        kept = self.keys_buf.length
+        older = kept - self.config.recent
+        survivors = self.scores[..., :older].topk(older - count, dim=-1).indices.sort(dim=-1).values
+        tail = torch.arange(older, kept, device=survivors.device).expand(*survivors.shape[:2], -1)
+        keep = torch.cat([survivors, tail], dim=-1)
+        self.scores = self.scores.gather(2, keep)
+        rows = keep.unsqueeze(-1).expand(-1, -1, -1, self.keys_buf.view.shape[-1])
+        for buffer in (self.keys_buf, self.values_buf):
+            retained = buffer.view.gather(2, rows)
+            buffer.clear()
+            buffer.append(retained)
+
+    def segments(self) -> dict[str, int]:
+        return {**super().segments(), "scores": nbytes(self.scores)}
+
+
+@dataclass
+class H2OPrefillConfig:
+    capacity: int = knob(1024, "prompt tokens kept per KV head, recent ones included")
+    recent: int = knob(8, "most recent prompt tokens always kept")
+
+    def validate(self) -> None:
+        if self.recent < 1 or self.capacity < self.recent:
+            raise OjaKVError(f"h2o-prefill needs 1 <= recent <= capacity, got {self.recent}, {self.capacity}")
+
+
+class H2OPrefillLayer(SelectionLayer):
+    def __init__(self, layer_idx, shared, config: H2OPrefillConfig):
+        super().__init__(layer_idx, shared)
+        self.config = config
+
+    def select(self, keys, values, step, attention):
+        votes = attention_votes(keys, attention, step, keys.shape[2])
+        return top_tokens_with_window(votes, step, self.config.capacity, self.config.recent)
+
+
+def _h2o_budget(knobs, geometry, prompt_tokens, new_tokens, dtype_bytes, budget):
+    # Constant size while decoding: heavy + recent tokens, split evenly as in the reference runs. The float32
+    # scores cost (4 / (2 d s)) of a token each, which is counted in the held bytes.
+    total = max(2, round(budget * (prompt_tokens + new_tokens) / (1 + 4 / (2 * geometry.head_dim * dtype_bytes))))
+    return {"heavy": total // 2, "recent": total - total // 2}
+
+
+def _h2o_prefill_budget(knobs, geometry, prompt_tokens, new_tokens, dtype_bytes, budget):
+    capacity = max(1, round(budget * (prompt_tokens + new_tokens)) - new_tokens)
+    return {"capacity": capacity, "recent": min(knobs.get("recent", H2OPrefillConfig.recent), capacity)}
+
+
+register(Method(name="h2o", summary="heavy hitters by accumulated attention + recent window; evicts while decoding",
+                config_class=H2OConfig, build=lambda model, config: ((lambda i, s: H2OLayer(i, s, config)), False),
+                reference="Zhang et al., H2O, arXiv 2306.14048", for_budget=_h2o_budget))
+register(Method(name="h2o-prefill", summary="one-shot H2O: prompt tokens by attention received, at prefill only",
+                config_class=H2OPrefillConfig,
+                build=lambda model, config: ((lambda i, s: H2OPrefillLayer(i, s, config)), False),
+                reference="Zhang et al., H2O, arXiv 2306.14048 (one-shot variant of later papers)",
+                for_budget=_h2o_prefill_budget))
