@@ -74,12 +74,19 @@ def full_cache(model):
 
 
 def held_tensor_bytes(cache) -> int:
-    """Walk every layer's attributes and add up the storage of each tensor and growable buffer found."""
+    """Walk every layer's attributes (into lists and quantized blocks) and add up the storage found."""
+    from ojakv.quantize import Quantized
+
+    def size(value) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        if isinstance(value, GrowableTensor):
+            return value.nbytes
+        if isinstance(value, (list, tuple)):
+            return sum(size(item) for item in value)
+        if isinstance(value, Quantized):
+            return size([value.codes, value.scale, value.minimum])
+        return 0
+
     total = cache.shared.positions.nbytes if cache.shared.positions is not None else 0
-    for layer in cache.layers:
-        for value in vars(layer).values():
-            if isinstance(value, torch.Tensor):
-                total += value.numel() * value.element_size()
-            elif isinstance(value, GrowableTensor):
-                total += value.nbytes
-    return total
+    return total + sum(size(value) for layer in cache.layers for value in vars(layer).values())
