@@ -27,12 +27,15 @@ NO_COMPRESSION = {
     "h2o": dict(heavy=50_000, recent=50_000),
     "h2o-prefill": dict(capacity=100_000),
     "kivi": dict(residual=100_000 // 16 * 16, group=16),
+    "mla-latent": dict(rank_ratio=1.0),
+    "eigen": dict(rank_ratio=1.0, init="prompt", key_basis="keys"),
 }
 # Knobs for a compressing run that needs no calibration file.
 COMPRESSING = {
     "ojakv": {}, "ojakv-pf": {}, "staticpca": dict(init="prompt"), "staticpca-h": dict(init="prompt"),
     "streaming-llm": dict(window=40), "snapkv": dict(capacity=48, window=8), "pyramidkv": dict(capacity=48, window=8),
     "h2o": dict(heavy=24, recent=24), "h2o-prefill": dict(capacity=48), "kivi": dict(group=16, residual=32),
+    "mla-latent": {}, "eigen": dict(init="prompt", key_basis="keys"),
 }
 METHODS = sorted(registered())
 
@@ -82,6 +85,8 @@ def test_compressing_run_holds_what_it_reports_per_kv_head(tiny, method):
             assert tensor.shape[0] == 2 and tensor.shape[1] == kv_heads
 
 
+CALIBRATION_FREE = {"staticpca": {"init": "prompt"}, "staticpca-h": {"init": "prompt"},
+                    "eigen": {"init": "prompt", "key_basis": "keys"}}
 DISCRETE = {"kivi"}  # bit widths: only a few ratios are reachable; eval rows say when a budget is missed
 
 
@@ -99,7 +104,8 @@ def _ratio_after(method, knobs, prompt=1536, new=16):
 @pytest.mark.parametrize("budget", [0.6, 0.4, 0.25])
 def test_budget_is_met_within_two_hundredths(method, budget):
     model = tiny_model("llama", num_layers=2, num_heads=2, num_kv_heads=1, head_dim=64, max_context=4096)
-    spec = MethodSpec.parse(method + (":init=prompt" if method.startswith("staticpca") else ""))
+    free = CALIBRATION_FREE.get(method, {})
+    spec = MethodSpec.parse(method + "".join(f"{',' if i else ':'}{k}={v}" for i, (k, v) in enumerate(free.items())))
     knobs = spec.knobs_for(model, 1536, 16, budget)
     ratio = _ratio_after(method, knobs)
     assert abs(ratio - budget) <= 0.02, (knobs, ratio)

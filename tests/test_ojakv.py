@@ -212,3 +212,22 @@ def test_interrupted_calibration_leaves_no_file_behind(tiny, tmp_path, monkeypat
         calibrate(tiny, Tokens(), "text to fit. " * 40, chunk_tokens=256, path=tmp_path / "c.safetensors",
                   progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("method", ["eigen", "staticpca-h", "mla-latent"])
+def test_static_bases_at_full_rank_equal_the_full_cache(tiny, tmp_path, method):
+    class Tokens:
+        def __call__(self, text, return_tensors=None, add_special_tokens=False):
+            return type("Encoded", (), {"input_ids": torch.tensor([[3 + (ord(c) % 100) for c in text]])})()
+
+    path = calibrate(tiny, Tokens(), "queries and keys share a subspace. " * 30, chunk_tokens=256,
+                     path=tmp_path / "c.safetensors", progress=False)
+    ids, mask = padded_batch(tiny.config.vocab_size, (70, 58), seed=6)
+    reference = greedy_scores(tiny, ids, mask, full_cache(tiny), steps=12)
+    knobs = dict(rank_ratio=1.0) if method == "mla-latent" else dict(rank_ratio=1.0, calibration_file=str(path))
+    cache = ojakv.make_cache(tiny, method, **knobs)
+    assert (greedy_scores(tiny, ids, mask, cache, steps=12) - reference).abs().max() <= 1e-4
+    if method == "eigen":  # the key basis really comes from queries and keys together
+        from ojakv.calibration import load_calibration
+        calibration = load_calibration(tiny, path)
+        assert not torch.allclose(calibration.eigvecs["qk_pre"], calibration.eigvecs["k_pre"])

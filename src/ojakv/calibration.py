@@ -1,7 +1,8 @@
 """Offline calibration: the PCA of each layer's and KV head's keys and values on calibration text.
 
 One pass of the model over the text collects, per layer and KV head, the uncentred second moments of the keys
-before RoPE (``k_pre``), the keys as cached after RoPE (``k_post``) and the values (``v``). The file keeps the whole
+before RoPE (``k_pre``), the keys as cached after RoPE (``k_post``), the values (``v``), and the pre-RoPE keys
+together with the queries of the head's GQA group (``qk_pre``, Eigen Attention's key basis). The file keeps the whole
 spectrum (eigenvalues and all eigenvectors), so any rank or energy threshold and either key mode can be served
 from one artefact. It is a safetensors file whose metadata names the model fingerprint; a file made for another
 model, or of another format version, is refused.
@@ -25,13 +26,13 @@ from tqdm.auto import tqdm
 from .atomic import atomic_path
 from .cache import CacheLayer, CompressedCache, SharedState
 from .errors import OjaKVError
-from .models import fingerprint, geometry
+from .models import attention_modules, compute_queries, fingerprint, geometry, kv_projection_weights
 from .paths import cache_dir
 from .rope import undo_rope
 from .subspace import covariance, eigh_descending
 
-FORMAT_VERSION = "1"
-KINDS = ("k_pre", "k_post", "v")
+FORMAT_VERSION = "2"
+KINDS = ("k_pre", "k_post", "v", "qk_pre")  # qk_pre: each KV head's keys with its group's queries (Eigen-style)
 SKIP_FIRST = 32  # leading tokens of each chunk (attention sinks, huge norms) stay out of the statistics
 
 
@@ -75,8 +76,20 @@ class _CollectorLayer(CacheLayer):
         for kind, x in features.items():
             cov, _ = covariance(x, weight)
             self.sums[kind][self.layer_idx] += cov.sum(0).double()
+        self.sums["qk_pre"][self.layer_idx] += self.sums_of_group_queries(attention, cos, sin, weight)
+        self.sums["qk_pre"][self.layer_idx] += covariance(features["k_pre"], weight)[0].sum(0).double()
         self.seen += key_states.shape[2]
         return key_states, value_states
+
+    def sums_of_group_queries(self, attention, cos, sin, weight) -> torch.Tensor:
+        """Σ qqᵀ of the pre-RoPE queries of each KV head's group, [h, d, d] (float64)."""
+        queries = compute_queries(attention.module, attention.hidden_states, attention.cos, attention.sin).float()
+        queries = undo_rope(queries, cos.float(), sin.float())
+        b, heads, n, d = queries.shape
+        kv_heads = weight.shape[1]
+        grouped = queries.view(b, kv_heads, heads // kv_heads, n, d).transpose(2, 3).reshape(b, kv_heads, -1, d)
+        group_weight = weight.repeat_interleave(heads // kv_heads, dim=-1)
+        return covariance(grouped, group_weight)[0].sum(0).double()
 
     def segments(self) -> dict[str, int]:
         return {}
@@ -135,9 +148,26 @@ def calibrate(
     return target
 
 
+def weight_spectra(model) -> Calibration:
+    """Spectra from the projection weights instead of activations: per KV head, the left singular vectors of
+    W_k and W_v (eigenvectors of W Wᵀ) and the squared singular values. Data-free; keys before RoPE only, and
+    before any per-head key normalisation a model may apply (Qwen3's k_norm)."""
+    vals, vecs = {"k_pre": [], "v": []}, {"k_pre": [], "v": []}
+    for attention in attention_modules(model):
+        for kind, weight in zip(("k_pre", "v"), kv_projection_weights(attention)):
+            u, s, _ = torch.linalg.svd(weight.double(), full_matrices=False)
+            vecs[kind].append(u.float())
+            vals[kind].append((s**2).float())
+    return Calibration(eigvals={k: torch.stack(v) for k, v in vals.items()},
+                       eigvecs={k: torch.stack(v) for k, v in vecs.items()},
+                       metadata={"source": "projection weights (SVD)", "fingerprint": fingerprint(model)})
+
+
 def load_calibration(model, path: str | os.PathLike | None = None) -> Calibration:
     """Load and check the calibration for ``model``; without a path, the cached one (made on first use)."""
     target = Path(path) if path is not None else default_path(model)
+    if path is None and target.exists() and _format_of(target) != FORMAT_VERSION:
+        target.unlink()  # an older format of our own cached file: make it again below
     if not target.exists():
         if path is not None:
             raise OjaKVError(f"calibration file {target} does not exist: run `ojakv calibrate --out {target}`")
@@ -149,6 +179,14 @@ def load_calibration(model, path: str | os.PathLike | None = None) -> Calibratio
             )
         calibrate(model, tokenizer, path=target)
     return _read(model, target)
+
+
+def _format_of(target: Path) -> str | None:
+    try:
+        with safe_open(str(target), framework="pt") as f:
+            return (f.metadata() or {}).get("format")
+    except Exception:  # unreadable: _read reports it
+        return None
 
 
 def _read(model, target: Path) -> Calibration:

@@ -156,6 +156,19 @@ def _query_projection(attn_module: nn.Module, hidden_states: torch.Tensor) -> to
     return attn_module.qkv_proj(hidden_states)[..., : num_heads * attn_module.head_dim]
 
 
+def kv_projection_weights(attn_module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The key and value projection weights per KV head, each [num_kv_heads, head_dim, hidden] (float32)."""
+    d = attn_module.head_dim
+    if hasattr(attn_module, "k_proj"):
+        w_k, w_v = attn_module.k_proj.weight, attn_module.v_proj.weight
+    else:  # Phi-3: one fused projection, queries first, then keys, then values
+        num_heads = attn_module.config.num_attention_heads
+        kv = attn_module.config.num_key_value_heads * d
+        fused = attn_module.qkv_proj.weight
+        w_k, w_v = fused[num_heads * d : num_heads * d + kv], fused[num_heads * d + kv :]
+    return w_k.detach().float().view(-1, d, w_k.shape[-1]), w_v.detach().float().view(-1, d, w_v.shape[-1])
+
+
 def compute_queries(attn_module: nn.Module, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """The post-RoPE queries [b, num_heads, q, head_dim] that `attn_module` computes for these hidden states.
 

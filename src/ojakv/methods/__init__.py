@@ -107,4 +107,4 @@ def knob(default, help: str):
 
 
 # Registration happens on import; keep this list in the order the README's method table uses.
-from . import full, ojakv, static_pca, streaming_llm, h2o, snapkv, pyramidkv, kivi  # noqa: E402,F401
+from . import full, ojakv, static_pca, latent, streaming_llm, h2o, snapkv, pyramidkv, kivi  # noqa: E402,F401

@@ -34,7 +34,7 @@ from . import Method, knob, register
 
 KEY_MODES = ("pre_rope", "post_rope")
 POLICIES = ("positional", "residual")
-INITS = ("calibration", "prompt")
+INITS = ("calibration", "prompt", "weights")
 
 
 @dataclass
@@ -48,12 +48,14 @@ class OjaKVConfig:
     n_recent: int = knob(32, "most recent tokens kept at full rank")
     n_residual: int = knob(32, "residual policy: body tokens per KV head kept exact")
     query_window: int = knob(32, "residual policy: recent prompt queries that weigh the residual")
-    init: str = knob("prompt", "initial basis: prompt (PCA of the prompt) or calibration (offline PCA + Oja step)")
+    init: str = knob("prompt", "initial basis: prompt (PCA of the prompt), calibration (offline PCA + Oja step) "
+                               "or weights (SVD of the K/V projections)")
     eta_prefill: float = knob(0.1, "init=calibration: Oja step on the prompt (relative to the top eigenvalue)")
     eta_decode: float = knob(0.05, "Oja step every update_interval decoded tokens (0 = no decode updates)")
     update_interval: int = knob(64, "decoded tokens between Oja updates (T)")
     prefill_attention: str = knob("compressed", "prefill attends to compressed K/V, or full (the -pf variant)")
     calibration_file: str | None = knob(None, "calibration .safetensors (default: the cached one for the model)")
+    key_basis: str = knob("keys", "init=calibration: key basis from keys, or queries+keys (Eigen Attention style)")
 
     def __post_init__(self) -> None:
         if self.rank_ratio is None and self.energy is None and self.rank is None:
@@ -78,6 +80,11 @@ class OjaKVConfig:
                 raise OjaKVError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.query_window < 1 or self.update_interval < 1:
             raise OjaKVError("query_window and update_interval must be >= 1")
+        _check_choice("key_basis", self.key_basis, ("keys", "queries+keys"))
+        if self.key_basis == "queries+keys" and (self.init != "calibration" or self.key_mode != "pre_rope"):
+            raise OjaKVError("key_basis='queries+keys' needs init='calibration' and key_mode='pre_rope'")
+        if self.init == "weights" and self.key_mode != "pre_rope":
+            raise OjaKVError("init='weights' spans keys before RoPE: use key_mode='pre_rope'")
         for name in ("eta_prefill", "eta_decode"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise OjaKVError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -324,14 +331,18 @@ def _residual_scores(queries: torch.Tensor, residual: torch.Tensor) -> torch.Ten
 
 
 def build_low_rank(model, config: OjaKVConfig):
-    from ..calibration import load_calibration
+    from ..calibration import load_calibration, weight_spectra
     from ..models import geometry
 
     head_dim = geometry(model).head_dim
     calibration = None
     if config.init == "calibration":
         calibration = load_calibration(model, config.calibration_file)
+    elif config.init == "weights":
+        calibration = weight_spectra(model)
     key_name = "k_pre" if config.key_mode == "pre_rope" else "k_post"
+    if config.key_basis == "queries+keys":
+        key_name = "qk_pre"
 
     def factory(layer_idx: int, shared: SharedState) -> OjaKVLayer:
         if calibration is None:
