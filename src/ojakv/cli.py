@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--methods", default="full,ojakv", help="method specs as for `ojakv eval`")
     bench.add_argument("--lengths", default="1024,2048,4096,8000")
     bench.add_argument("--repeats", type=int, default=3)
-    bench.add_argument("--decode-tokens", type=int, default=32)
+    bench.add_argument("--decode-tokens", type=int, default=128,
+                       help="decoded tokens timed per run (at least update_interval, so Oja updates are timed)")
     bench.add_argument("--device", default="cpu", help="cpu or cuda")
     bench.add_argument("--json", type=Path, dest="json_out", help="write the records (a JSON list) here")
     bench.add_argument("--plot", type=Path, help="write the decode-time-vs-length plot (PNG) here")

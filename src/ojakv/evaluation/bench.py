@@ -130,7 +130,12 @@ def bench_table(records: list[dict]) -> str:
         cells = []
         for c in columns:
             value = r.get(c)
-            cells.append("" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value))
+            if value is None:
+                cells.append("")
+            elif isinstance(value, float) and not c.endswith("bytes"):
+                cells.append(f"{value:.3f}")
+            else:
+                cells.append(str(int(value)) if isinstance(value, float) else str(value))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
