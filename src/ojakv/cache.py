@@ -48,6 +48,7 @@ class SharedState:
         self.geometry = geometry(model)
         self.rotary = rotary_embedding(model)
         self.step: StepInputs | None = None
+        self._span_angles: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.seen = 0
         # Positions of every cached token, stored once for all layers (int32) when a layer needs to re-apply
         # RoPE at reconstruction; counted in the memory report.
@@ -62,6 +63,7 @@ class SharedState:
         else:
             valid = torch.ones(batch, q, dtype=torch.bool, device=device)
         self.step = StepInputs(positions=positions, valid=valid)
+        self._span_angles = {}
         self.seen += q
         if self.positions is not None:
             self.positions.append(positions.to(torch.int32))
@@ -70,6 +72,17 @@ class SharedState:
         """cos/sin [b, n, d] (float32) for arbitrary positions, from the model's own rotary module."""
         probe = torch.empty(0, dtype=torch.float32, device=positions.device)
         return self.rotary(probe, positions.long())
+
+    def end_forward(self) -> None:
+        self._span_angles = {}
+
+    def span_angles(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of the stored tokens [start, start + count), computed once per forward call for all layers
+        (every layer asks for the same span when it rebuilds its body)."""
+        key = (start, count)
+        if key not in self._span_angles:
+            self._span_angles[key] = self.rope_angles(self.positions.view[:, start : start + count])
+        return self._span_angles[key]
 
     def memory(self) -> dict[str, int]:
         return {"positions": self.positions.nbytes} if self.positions is not None else {}
@@ -214,6 +227,12 @@ class CompressedCache(Cache):
 
     def begin_forward(self, attention_mask, position_ids, batch: int, q: int, device) -> None:
         self.shared.begin_forward(attention_mask, position_ids, batch, q, device)
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if layer_idx == len(self.layers) - 1:
+            self.shared.end_forward()  # nothing computed for this step outlives it
+        return out
 
     def memory(self) -> MemoryReport:
         return MemoryReport(

@@ -258,8 +258,8 @@ class OjaKVLayer(CacheLayer):
         if attention is None:
             raise OjaKVError("the residual policy needs the model's queries: build the cache with ojakv.make_cache")
         count = keys.shape[2]
-        positions = self._positions(self.k_sink.shape[2] + body_start, count)
-        reconstructed = self._reconstruct_keys(self.k_coef.view[:, :, body_start : body_start + count], positions)
+        reconstructed = self._reconstruct_keys(self.k_coef.view[:, :, body_start : body_start + count],
+                                               self.k_sink.shape[2] + body_start)
         residual = keys.float() - reconstructed.float()
         scores = _residual_scores(self._recent_queries(attention, step), residual)
         idx = torch.arange(body_start, body_start + count, device=keys.device).expand_as(scores)
@@ -285,10 +285,12 @@ class OjaKVLayer(CacheLayer):
         return queries
 
     # --- reconstruction ---------------------------------------------------------------------------------------
-    def _reconstruct_keys(self, coef: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    def _reconstruct_keys(self, coef: torch.Tensor, start: int) -> torch.Tensor:
+        """Keys of the stored tokens [start, start + n) (cache order) from their coefficients, RoPE re-applied."""
         keys = coef.float() @ self.u_k.transpose(-1, -2)
-        if positions is not None:
-            cos, sin = self.shared.rope_angles(positions)
+        if self.config.key_mode == "pre_rope":
+            self._positions(start, coef.shape[2])  # fails clearly if positions were never recorded
+            cos, sin = self.shared.span_angles(start, coef.shape[2])
             keys = apply_rope(keys, cos, sin)
         return keys.to(self.dtype)
 
@@ -297,8 +299,7 @@ class OjaKVLayer(CacheLayer):
         body = self.k_coef.length
         keys, values = [self.k_sink], [self.v_sink]
         if body:
-            positions = self._positions(self.k_sink.shape[2], body)
-            body_keys = self._reconstruct_keys(self.k_coef.view, positions)
+            body_keys = self._reconstruct_keys(self.k_coef.view, self.k_sink.shape[2])
             body_values = (self.v_coef.view.float() @ self.u_v.transpose(-1, -2)).to(self.dtype)
             if self.k_exact is not None:
                 rows = self.exact_idx.unsqueeze(-1).expand(-1, -1, -1, body_keys.shape[-1])
@@ -378,30 +379,14 @@ def budget_to_rank(config_class: type):
     return for_budget
 
 
-register(
-    Method(
-        name="ojakv",
-        summary="hybrid anchors + low-rank body in per-head subspaces adapted online by Oja's rule",
-        config_class=OjaKVConfig,
-        build=build_low_rank,
-        reference="Zhu et al., OjaKV, arXiv 2509.21623",
-        for_budget=budget_to_rank(OjaKVConfig),
-    )
-)
-
-
 @dataclass
 class OjaKVPFConfig(OjaKVConfig):
     prefill_attention: str = knob("full", "prefill attends to full K/V; compression applies from decoding on")
 
 
-register(
-    Method(
-        name="ojakv-pf",
-        summary="OjaKV with full-precision prefill attention (compression from decoding on)",
-        config_class=OjaKVPFConfig,
-        build=build_low_rank,
-        reference="Zhu et al., OjaKV, arXiv 2509.21623",
-        for_budget=budget_to_rank(OjaKVPFConfig),
-    )
-)
+for name, config_class, summary in (
+    ("ojakv", OjaKVConfig, "hybrid anchors + low-rank body in per-head subspaces adapted online by Oja's rule"),
+    ("ojakv-pf", OjaKVPFConfig, "OjaKV with full-precision prefill attention (compression from decoding on)"),
+):
+    register(Method(name=name, summary=summary, config_class=config_class, build=build_low_rank,
+                    reference="Zhu et al., OjaKV, arXiv 2509.21623", for_budget=budget_to_rank(config_class)))
