@@ -153,5 +153,21 @@ def test_decode_time_eviction_keeps_memory_constant(tiny, method, knobs, size):
     ids, mask = padded_batch(tiny.config.vocab_size, (100, 90), seed=14)
     cache = ojakv.make_cache(tiny, method, **knobs)
     greedy_scores(tiny, ids, mask, cache, steps=20)
+    # sinks/heavy + window held, plus the last call's token (evicted when the next call starts)
+    assert [layer.keys_buf.length for layer in cache.layers] == [size + 1] * len(cache.layers)
     assert [layer.returned_length() for layer in cache.layers] == [size] * len(cache.layers)
     assert cache.get_seq_length() == 100 + 19
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "full"])
+def test_a_multi_token_chunk_after_the_prompt_works(tiny, method):
+    # The question after a compressed context arrives as one chunk of several tokens: every method must return
+    # exactly the tokens the mask was built for (a bug once evicted inside that call).
+    ids, mask = padded_batch(tiny.config.vocab_size, (120, 100), seed=15)
+    cache = ojakv.make_cache(tiny, method, **COMPRESSING[method])
+    with torch.no_grad():
+        tiny(input_ids=ids[:, :100], attention_mask=mask[:, :100], past_key_values=cache)
+        tiny(input_ids=ids[:, 100:], attention_mask=mask, past_key_values=cache)
+        out = tiny.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=3,
+                            do_sample=False, pad_token_id=0)
+    assert out.shape[1] == 123

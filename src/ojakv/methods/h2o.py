@@ -51,22 +51,23 @@ class H2OLayer(SelectionLayer):
         new = keys.shape[2] - self.scores.shape[2]
         self.scores = torch.cat([self.scores, self.scores.new_zeros(*self.scores.shape[:2], new)], dim=2)
         self.scores += current_attention(keys, attention)
-        excess = keys.shape[2] - (self.config.heavy + self.config.recent)
-        if excess > 0:
-            self._evict(excess)
 
-    def _evict(self, count: int) -> None:
+    def eviction_limit(self) -> int:
+        return self.config.heavy + self.config.recent
+
+    def before_append(self) -> None:
+        """Evict down to heavy + recent by the scores accumulated so far (the original evicts right after the
+        step; doing it at the start of the next call keeps the held tokens consistent with this call's mask)."""
         kept = self.keys_buf.length
+        excess = kept - self.eviction_limit()
+        if excess <= 0:
+            return
         older = kept - self.config.recent
-        survivors = self.scores[..., :older].topk(older - count, dim=-1).indices.sort(dim=-1).values
+        survivors = self.scores[..., :older].topk(older - excess, dim=-1).indices.sort(dim=-1).values
         tail = torch.arange(older, kept, device=survivors.device).expand(*survivors.shape[:2], -1)
         keep = torch.cat([survivors, tail], dim=-1)
         self.scores = self.scores.gather(2, keep)
-        rows = keep.unsqueeze(-1).expand(-1, -1, -1, self.keys_buf.view.shape[-1])
-        for buffer in (self.keys_buf, self.values_buf):
-            retained = buffer.view.gather(2, rows)
-            buffer.clear()
-            buffer.append(retained)
+        self._retain(keep)
 
     def segments(self) -> dict[str, int]:
         return {**super().segments(), "scores": nbytes(self.scores)}

@@ -24,10 +24,16 @@ class SelectionLayer(CacheLayer):
         self.keys_buf, self.values_buf = GrowableTensor(), GrowableTensor()
 
     def returned_length(self) -> int:
-        return self.keys_buf.length
+        """Tokens the next call returns besides its new ones: what is held once ``before_append`` has evicted
+        (the mask is sized before the call runs)."""
+        return min(self.keys_buf.length, self.eviction_limit())
+
+    def eviction_limit(self) -> float:
+        """Most tokens kept across calls (eviction methods override; selection alone never evicts)."""
+        return float("inf")
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        kept = self.keys_buf.length
+        kept = self.returned_length()
         return kept + query_length, self.seen - kept
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -40,6 +46,9 @@ class SelectionLayer(CacheLayer):
             self.values_buf.append(value_states.gather(2, rows))
             self.seen += q
             return key_states, value_states  # the prompt itself is attended to in full
+        # Evict before appending, never after: the mask for this call was built for kept + q tokens, so the
+        # tokens held when the call starts must all be returned with the new ones.
+        self.before_append()
         self.keys_buf.append(key_states)
         self.values_buf.append(value_states)
         self.seen += q
@@ -50,8 +59,19 @@ class SelectionLayer(CacheLayer):
         """Indices [b, h, k] (ascending) of the prompt tokens to keep."""
         raise NotImplementedError
 
+    def before_append(self) -> None:
+        """Decode-time eviction, at the start of a call (default: keep everything)."""
+
     def after_append(self, attention: AttentionInputs | None) -> None:
-        """Decode-time eviction hook (default: keep everything appended)."""
+        """Decode-time scoring of what is held now, new tokens included (default: none)."""
+
+    def _retain(self, keep: torch.Tensor) -> None:
+        """Keep only the tokens at indices ``keep`` [b, h, k] of the held buffers."""
+        rows = keep.unsqueeze(-1).expand(-1, -1, -1, self.keys_buf.view.shape[-1])
+        for buffer in (self.keys_buf, self.values_buf):
+            retained = buffer.view.gather(2, rows)
+            buffer.clear()
+            buffer.append(retained)
 
     def segments(self) -> dict[str, int]:
         return growable_segments(kept_tokens=(self.keys_buf, self.values_buf))

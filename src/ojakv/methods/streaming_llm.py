@@ -1,6 +1,7 @@
 """``streaming-llm``: the first ``n_sink`` tokens (attention sinks) plus a sliding window of recent tokens.
 
-Xiao et al., arXiv 2309.17453. Eviction happens at prefill and at every decode step, so memory stays constant.
+Xiao et al., arXiv 2309.17453. Eviction happens at prefill and at the start of every later call, so memory stays
+constant (the sinks and window plus the last call's new tokens).
 Keys keep the positions they were cached with (no re-rotation to in-cache positions: the paper's ``pos_shift``
 would also have to move the query's position, which lives outside the cache).
 Defaults follow the paper: 4 sinks; the window is the method's budget.
@@ -42,16 +43,16 @@ class StreamingLLMLayer(SelectionLayer):
         keep = torch.cat([sinks, recent], dim=-1).clamp(max=n - 1)
         return keep[:, None, :].expand(b, h, -1)
 
-    def after_append(self, attention) -> None:
-        kept, limit = self.keys_buf.length, self.config.n_sink + self.config.window
+    def eviction_limit(self) -> int:
+        return self.config.n_sink + self.config.window
+
+    def before_append(self) -> None:
+        kept, limit = self.keys_buf.length, self.eviction_limit()
         if kept <= limit:
             return
-        sink, window = self.config.n_sink, self.config.window
-        for buffer in (self.keys_buf, self.values_buf):
-            view = buffer.view
-            retained = torch.cat([view[:, :, :sink], view[:, :, kept - window :]], dim=2)
-            buffer.clear()
-            buffer.append(retained)
+        b, h = self.keys_buf.view.shape[:2]
+        positions = torch.cat([torch.arange(self.config.n_sink), torch.arange(kept - self.config.window, kept)])
+        self._retain(positions.to(self.keys_buf.view.device).expand(b, h, -1))
 
 
 def _build(model, config: StreamingLLMConfig):
