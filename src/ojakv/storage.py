@@ -66,10 +66,6 @@ class GrowableTensor:
         if self._data is not None and self.length:
             self._data.narrow(self.dim, 0, self.length).copy_(fn(self.view))
 
-    def select_batch(self, indices: torch.Tensor) -> None:
-        if self._data is not None:
-            self._data = self._data.index_select(0, indices.to(self._data.device))
-
     def clear(self) -> None:
         self._data = None
         self.length = 0
