@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from . import attention as latent_attention
 from .errors import OjaKVError
 from .memory import MemoryReport, nbytes
 from .models import attention_modules, base_model, geometry, rotary_embedding
@@ -209,6 +210,8 @@ class CompressedCache(Cache):
         install_hooks(model)
         self.shared = SharedState(model, track_positions)
         layers = [layer_factory(i, self.shared) for i in range(self.shared.geometry.num_layers)]
+        if any(getattr(layer, "latent", False) for layer in layers):
+            latent_attention.enable(model)
         super().__init__(layers=layers)
         self.method = method
         self.config = config

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import attention as latent_attention
 from ..cache import AttentionInputs, CacheLayer, SharedState, StepInputs, growable_segments
 from ..errors import OjaKVError
 from ..memory import nbytes
@@ -35,6 +36,7 @@ from . import Method, knob, register
 KEY_MODES = ("pre_rope", "post_rope")
 POLICIES = ("positional", "residual")
 INITS = ("calibration", "prompt", "weights")
+ATTENTION_PATHS = ("latent", "reconstruct")
 
 
 @dataclass
@@ -56,6 +58,8 @@ class OjaKVConfig:
     prefill_attention: str = knob("compressed", "prefill attends to compressed K/V, or full (the -pf variant)")
     calibration_file: str | None = knob(None, "calibration .safetensors (default: the cached one for the model)")
     key_basis: str = knob("keys", "init=calibration: key basis from keys, or queries+keys (Eigen Attention style)")
+    attention: str = knob("latent", "decode attention on the stored coefficients (latent) or on rebuilt K/V "
+                                    "handed to the model's own kernel (reconstruct)")
 
     def __post_init__(self) -> None:
         if self.rank_ratio is None and self.energy is None and self.rank is None:
@@ -75,6 +79,7 @@ class OjaKVConfig:
         _check_choice("policy", self.policy, POLICIES)
         _check_choice("init", self.init, INITS)
         _check_choice("prefill_attention", self.prefill_attention, ("compressed", "full"))
+        _check_choice("attention", self.attention, ATTENTION_PATHS)
         for name in ("n_sink", "n_recent", "n_residual"):
             if getattr(self, name) < 0:
                 raise OjaKVError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -118,6 +123,7 @@ class OjaKVLayer(CacheLayer):
         self.rank_k, self.rank_v = ranks
         self.init_bases = init_bases  # (U_k [h, d, d'], U_v [h, d, d']) from calibration, or None
         self.needs_positions = config.key_mode == "pre_rope"
+        self.latent = config.attention == "latent"  # read by CompressedCache to route attention through ojakv
         self.k_sink = self.v_sink = self.k_win = self.v_win = None
         self.sink_target = 0
         self.k_coef, self.v_coef = GrowableTensor(), GrowableTensor()
@@ -136,7 +142,7 @@ class OjaKVLayer(CacheLayer):
             out = self._prefill(key_states, value_states, step, attention)
         else:
             self._append(key_states, value_states, step, attention)
-            out = self._materialize()
+            out = self._latent(attention, q) if self._takes_latent_path(attention, q) else self._materialize()
         self.seen += q
         return out
 
@@ -293,6 +299,23 @@ class OjaKVLayer(CacheLayer):
             cos, sin = self.shared.span_angles(start, coef.shape[2])
             keys = apply_rope(keys, cos, sin)
         return keys.to(self.dtype)
+
+    def _takes_latent_path(self, attention: AttentionInputs | None, q: int) -> bool:
+        return (self.latent and attention is not None and q <= latent_attention.MAX_LATENT_QUERIES
+                and self.k_coef.length > 0 and latent_attention.is_enabled(attention.module))
+
+    def _latent(self, attention: AttentionInputs, q: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hand the body to the attention call as coefficients; return only the full-precision tokens."""
+        start, body = self.k_sink.shape[2], self.k_coef.length
+        angles = None
+        if self.config.key_mode == "pre_rope":
+            self._positions(start, body)  # fails clearly if positions were never recorded
+            angles = self.shared.span_angles(start, body)
+        latent_attention.post_body(attention.module, latent_attention.LowRankBody(
+            start=start, key_coef=self.k_coef.view, value_coef=self.v_coef.view, key_basis=self.u_k,
+            value_basis=self.u_v, key_angles=angles, exact_index=self.exact_idx, exact_keys=self.k_exact,
+            exact_values=self.v_exact))
+        return torch.cat([self.k_sink, self.k_win], dim=2), torch.cat([self.v_sink, self.v_win], dim=2)
 
     def _materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Full-size K/V of this layer for standard attention; a temporary freed once the layer has attended."""
