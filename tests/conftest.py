@@ -76,6 +76,7 @@ def full_cache(model):
 def held_tensor_bytes(cache) -> int:
     """Walk every layer's attributes (into lists and quantized blocks) and add up the storage found."""
     from ojakv.quantize import Quantized
+    from ojakv.storage import QuantizedRows
 
     def size(value) -> int:
         if isinstance(value, torch.Tensor):
@@ -84,6 +85,8 @@ def held_tensor_bytes(cache) -> int:
             return value.nbytes
         if isinstance(value, (list, tuple)):
             return sum(size(item) for item in value)
+        if isinstance(value, QuantizedRows):
+            return size(list(value.buffers))
         if isinstance(value, Quantized):
             return size([value.codes, value.scale, value.minimum])
         return 0

@@ -29,6 +29,7 @@ NO_COMPRESSION = {
     "kivi": dict(residual=100_000 // 16 * 16, group=16),
     "mla-latent": dict(rank_ratio=1.0),
     "eigen": dict(rank_ratio=1.0, init="prompt", key_basis="keys"),
+    "ojakv+quant": dict(rank_ratio=1.0, eta_decode=0.0, coef_bits=0),  # the codec off
 }
 # Knobs for a compressing run that needs no calibration file.
 COMPRESSING = {
@@ -36,6 +37,7 @@ COMPRESSING = {
     "streaming-llm": dict(window=40), "snapkv": dict(capacity=48, window=8), "pyramidkv": dict(capacity=48, window=8),
     "h2o": dict(heavy=24, recent=24), "h2o-prefill": dict(capacity=48), "kivi": dict(group=16, residual=32),
     "mla-latent": {}, "eigen": dict(init="prompt", key_basis="keys"),
+    "ojakv+quant": {},
 }
 METHODS = sorted(registered())
 
@@ -88,6 +90,7 @@ def test_compressing_run_holds_what_it_reports_per_kv_head(tiny, method):
 CALIBRATION_FREE = {"staticpca": {"init": "prompt"}, "staticpca-h": {"init": "prompt"},
                     "eigen": {"init": "prompt", "key_basis": "keys"}}
 DISCRETE = {"kivi"}  # bit widths: only a few ratios are reachable; eval rows say when a budget is missed
+CAPPED = {"ojakv+quant": (0.25, 0.15)}  # 4-bit codes of a float32 model: even full rank holds only about 0.31
 
 
 def _ratio_after(method, knobs, prompt=1536, new=16):
@@ -100,8 +103,9 @@ def _ratio_after(method, knobs, prompt=1536, new=16):
     return cache.memory().ratio
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if get_method(m).for_budget is not None and m not in DISCRETE])
-@pytest.mark.parametrize("budget", [0.6, 0.4, 0.25])
+@pytest.mark.parametrize("method,budget", [
+    (m, b) for m in METHODS if get_method(m).for_budget is not None and m not in DISCRETE
+    for b in CAPPED.get(m, (0.6, 0.4, 0.25))])
 def test_budget_is_met_within_two_hundredths(method, budget):
     model = tiny_model("llama", num_layers=2, num_heads=2, num_kv_heads=1, head_dim=64, max_context=4096)
     free = CALIBRATION_FREE.get(method, {})

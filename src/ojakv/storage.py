@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .quantize import Quantized, dequantize, quantize
+
 # Capacity grows geometrically, so appends stay amortised O(1), by a small factor, so that spare capacity
 # (reported as growth slack) stays within max(MIN_GROWTH tokens, 3%) of what is stored.
 GROWTH = 1.03
@@ -69,3 +71,71 @@ class GrowableTensor:
     def clear(self) -> None:
         self._data = None
         self.length = 0
+
+
+class QuantizedRows:
+    """Rows ``[b, h, n, r]`` kept as packed ``bits``-bit codes, growing along tokens like ``GrowableTensor``.
+
+    Each token's row is padded with zeros to a multiple of ``GROUP`` and quantized in groups of ``GROUP``
+    consecutive entries, each with a float16 scale and minimum (low-rank coefficients come ordered by variance,
+    so a group holds entries of similar size). ``view`` dequantizes to float32 (a temporary); ``apply_`` dequantizes,
+    transforms and quantizes again, so every re-expression adds one rounding.
+    """
+
+    GROUP = 16
+
+    def __init__(self, bits: int):
+        self.bits = bits
+        self.codes, self.scale, self.minimum = GrowableTensor(), GrowableTensor(), GrowableTensor()
+        self.width = 0  # r, before padding
+
+    @staticmethod
+    def padded(width: int) -> int:
+        return -(-width // QuantizedRows.GROUP) * QuantizedRows.GROUP
+
+    @staticmethod
+    def bytes_per_row(width: int, bits: int) -> float:
+        """Bytes one token's row takes: packed codes plus a float16 scale and minimum per group."""
+        padded = QuantizedRows.padded(width)
+        return padded * bits / 8 + padded // QuantizedRows.GROUP * 4
+
+    @property
+    def buffers(self) -> tuple[GrowableTensor, ...]:
+        return self.codes, self.scale, self.minimum
+
+    @property
+    def length(self) -> int:
+        return self.codes.length
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers)
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(b.used_bytes for b in self.buffers)
+
+    @property
+    def view(self) -> torch.Tensor | None:
+        if not self.length:
+            return None
+        shape = (*self.codes.view.shape[:3], self.padded(self.width))
+        stored = Quantized(self.codes.view, self.scale.view, self.minimum.view, self.bits, -1, self.GROUP, shape)
+        return dequantize(stored, torch.float32)[..., : self.width]
+
+    def append(self, x: torch.Tensor) -> None:
+        self.width = x.shape[-1]
+        x = torch.nn.functional.pad(x, (0, self.padded(self.width) - self.width))
+        stored = quantize(x, self.bits, dim=-1, group=self.GROUP)
+        for buffer, part in zip(self.buffers, (stored.codes, stored.scale, stored.minimum)):
+            buffer.append(part)
+
+    def apply_(self, fn) -> None:
+        if self.length:
+            rows = fn(self.view)
+            self.clear()
+            self.append(rows)
+
+    def clear(self) -> None:
+        for buffer in self.buffers:
+            buffer.clear()

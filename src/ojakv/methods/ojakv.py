@@ -8,6 +8,8 @@ orthonormal basis for keys and one for values. Token layout in cache order:
 With ``policy="residual"`` some body tokens also keep their exact keys and values: the ones whose low-rank error
 would change attention scores most (|qᵀ(k − k̂)| over recent queries).
 
+``ojakv+quant`` stores the body coefficients as packed 4-bit codes (``coef_bits``; storage.QuantizedRows).
+
 Bases start from the prompt's own PCA (the default: the subspace the paper's "comprehensive" prefill update moves
 towards), or from an offline PCA (``ojakv calibrate``) followed by one Oja step on the prompt, the paper's recipe;
 then a light Oja step every ``update_interval`` decoded tokens from running statistics (Σ x xᵀU, d×r per head: no
@@ -29,7 +31,8 @@ from ..errors import OjaKVError
 from ..memory import nbytes
 from ..models import compute_queries
 from ..rope import apply_rope, undo_rope
-from ..storage import GrowableTensor
+from ..quantize import SUPPORTED_BITS
+from ..storage import GrowableTensor, QuantizedRows
 from ..subspace import change_of_basis, covariance, eigh_descending, oja_step, rank_for_energy
 from . import Method, knob, register
 
@@ -58,6 +61,7 @@ class OjaKVConfig:
     prefill_attention: str = knob("compressed", "prefill attends to compressed K/V, or full (the -pf variant)")
     calibration_file: str | None = knob(None, "calibration .safetensors (default: the cached one for the model)")
     key_basis: str = knob("keys", "init=calibration: key basis from keys, or queries+keys (Eigen Attention style)")
+    coef_bits: int = knob(0, "store body coefficients as packed 2-, 4- or 8-bit codes (0 = the model's dtype)")
     attention: str = knob("latent", "decode attention on the stored coefficients (latent) or on rebuilt K/V "
                                     "handed to the model's own kernel (reconstruct)")
 
@@ -80,6 +84,12 @@ class OjaKVConfig:
         _check_choice("init", self.init, INITS)
         _check_choice("prefill_attention", self.prefill_attention, ("compressed", "full"))
         _check_choice("attention", self.attention, ATTENTION_PATHS)
+        if self.coef_bits not in (0, *SUPPORTED_BITS):
+            raise OjaKVError(f"coef_bits must be 0 (no quantization) or one of {SUPPORTED_BITS}, got {self.coef_bits}")
+
+    def coefficient_bytes(self, rank: int, dtype_bytes: int) -> float:
+        """Bytes one token's key (or value) coefficients take in the body."""
+        return rank * dtype_bytes if not self.coef_bits else QuantizedRows.bytes_per_row(rank, self.coef_bits)
         for name in ("n_sink", "n_recent", "n_residual"):
             if getattr(self, name) < 0:
                 raise OjaKVError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -126,13 +136,16 @@ class OjaKVLayer(CacheLayer):
         self.latent = config.attention == "latent"  # read by CompressedCache to route attention through ojakv
         self.k_sink = self.v_sink = self.k_win = self.v_win = None
         self.sink_target = 0
-        self.k_coef, self.v_coef = GrowableTensor(), GrowableTensor()
+        self.k_coef, self.v_coef = self._coefficient_store(), self._coefficient_store()
         self.u_k = self.u_v = None  # [b, h, d, r] float32
         self.stat_k = self.stat_v = None  # Σ x xᵀ U since the last update, [b, h, d, r] float32
         self.pending = 0
         self.update_seconds = 0.0  # time spent in decode-time subspace updates (read by `ojakv bench`)
         # residual policy: exact rows for selected body tokens, their body index and score
         self.k_exact = self.v_exact = self.exact_idx = self.exact_score = None
+
+    def _coefficient_store(self) -> GrowableTensor | QuantizedRows:
+        return QuantizedRows(self.config.coef_bits) if self.config.coef_bits else GrowableTensor()
 
     # --- update ---------------------------------------------------------------------------------------------
     def update(self, key_states, value_states, *args, **kwargs):
@@ -253,7 +266,7 @@ class OjaKVLayer(CacheLayer):
         self.pending = 0
         self.update_seconds += time.perf_counter() - started
 
-    def _rebase(self, coef: GrowableTensor, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    def _rebase(self, coef: GrowableTensor | QuantizedRows, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         change = change_of_basis(old, new)
         coef.apply_(lambda c: (c.float() @ change).to(c.dtype))
         return new
@@ -393,7 +406,7 @@ def budget_to_rank(config_class: type):
         positions = 4 * n_tokens / (geometry.num_layers * geometry.num_kv_heads) if config.key_mode == "pre_rope" else 0
 
         def held(r: int) -> float:
-            body = 2 * (n_tokens - anchors) * r * s
+            body = 2 * (n_tokens - anchors) * config.coefficient_bytes(r, s)
             return 2 * anchors * d * s + body + 4 * d * r * 4 + exact * (2 * d * s + 12) + positions
 
         best = min(range(1, d + 1), key=lambda r: abs(held(r) / full - budget))
@@ -407,9 +420,15 @@ class OjaKVPFConfig(OjaKVConfig):
     prefill_attention: str = knob("full", "prefill attends to full K/V; compression applies from decoding on")
 
 
+@dataclass
+class OjaKVQuantConfig(OjaKVConfig):
+    coef_bits: int = knob(4, "body coefficients as packed codes of this many bits (2, 4 or 8)")
+
+
 for name, config_class, summary in (
     ("ojakv", OjaKVConfig, "hybrid anchors + low-rank body in per-head subspaces adapted online by Oja's rule"),
     ("ojakv-pf", OjaKVPFConfig, "OjaKV with full-precision prefill attention (compression from decoding on)"),
+    ("ojakv+quant", OjaKVQuantConfig, "OjaKV whose body coefficients are stored as packed 4-bit codes"),
 ):
     register(Method(name=name, summary=summary, config_class=config_class, build=build_low_rank,
                     reference="Zhu et al., OjaKV, arXiv 2509.21623", for_budget=budget_to_rank(config_class)))
