@@ -108,3 +108,4 @@ def knob(default, help: str):
 
 # Registration happens on import; keep this list in the order the README's method table uses.
 from . import full, ojakv, static_pca, latent, streaming_llm, h2o, snapkv, pyramidkv, kivi  # noqa: E402,F401
+from . import pod  # noqa: E402,F401  (after kivi in the README table)
