@@ -31,6 +31,7 @@ NO_COMPRESSION = {
     "eigen": dict(rank_ratio=1.0, init="prompt", key_basis="keys"),
     "ojakv+quant": dict(rank_ratio=1.0, eta_decode=0.0, coef_bits=0),  # the codec off
     "pod": dict(delta=2.0),  # δ > 1: no layer shares keys
+    "snapkv+ojakv": dict(capacity=100_000, rank_ratio=1.0, eta_decode=0.0),
 }
 # Knobs for a compressing run that needs no calibration file.
 COMPRESSING = {
@@ -40,6 +41,7 @@ COMPRESSING = {
     "mla-latent": {}, "eigen": dict(init="prompt", key_basis="keys"),
     "ojakv+quant": {},
     "pod": dict(delta=0.0, window=16),  # δ = 0: every layer shares its base's distant keys, no file needed
+    "snapkv+ojakv": dict(capacity=48, window=8),
 }
 METHODS = sorted(registered())
 

@@ -45,7 +45,7 @@ class LowRankBody:
     value_coef: torch.Tensor  # [b, h, n, r_v]
     key_basis: torch.Tensor  # [b, h, d, r_k] float32
     value_basis: torch.Tensor  # [b, h, d, r_v] float32
-    key_angles: tuple[torch.Tensor, torch.Tensor] | None = None  # pre-RoPE: cos/sin [b, n, d] of the tokens
+    key_angles: tuple[torch.Tensor, torch.Tensor] | None = None  # pre-RoPE: cos/sin [b, (h,) n, d] of the tokens
     exact_index: torch.Tensor | None = None  # [b, h, e] body tokens whose exact K/V override the low-rank ones
     exact_keys: torch.Tensor | None = None  # [b, h, e, d]
     exact_values: torch.Tensor | None = None
@@ -116,7 +116,7 @@ def _body_scores(grouped: torch.Tensor, body: LowRankBody) -> torch.Tensor:
         for s in range(0, body.length, KEY_CHUNK):
             e = min(s + KEY_CHUNK, body.length)
             keys = apply_rope(body.key_coef[:, :, s:e].float() @ body.key_basis.transpose(-1, -2),
-                              cos[:, s:e], sin[:, s:e])
+                              cos[..., s:e, :], sin[..., s:e, :])
             scores[..., s:e] = grouped @ keys.transpose(-1, -2)
     if body.exact_index is not None:
         index = body.exact_index.unsqueeze(2).expand(-1, -1, grouped.shape[2], -1)

@@ -70,9 +70,11 @@ class SharedState:
             self.positions.append(positions.to(torch.int32))
 
     def rope_angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [b, n, d] (float32) for arbitrary positions, from the model's own rotary module."""
+        """cos/sin [*positions.shape, d] (float32) for positions [b, n] (or [b, h, n]), from the model's own rotary
+        module."""
         probe = torch.empty(0, dtype=torch.float32, device=positions.device)
-        return self.rotary(probe, positions.long())
+        cos, sin = self.rotary(probe, positions.reshape(positions.shape[0], -1).long())
+        return cos.view(*positions.shape, -1), sin.view(*positions.shape, -1)
 
     def end_forward(self) -> None:
         self._span_angles = {}

@@ -1,6 +1,7 @@
 """Rotary position embedding applied and undone on cached keys (for keys compressed before RoPE).
 
-Angles come as HF passes them: ``cos``/``sin`` of shape [b, n, rotary_dim] in the half-split layout. When
+Angles come as HF passes them: ``cos``/``sin`` of shape [b, n, rotary_dim] in the half-split layout (or
+[b, h, n, rotary_dim], one set per head). When
 ``rotary_dim`` is smaller than the head size (partial rotary, e.g. Phi-3 variants) the trailing dims pass through.
 """
 
@@ -15,7 +16,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def _split(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+    if cos.dim() == 3:  # [b, n, d], shared by the heads; [b, h, n, d] when every head keeps other tokens
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     rotary_dim = cos.shape[-1]
     return x[..., :rotary_dim], x[..., rotary_dim:], cos, sin
 

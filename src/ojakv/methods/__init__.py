@@ -108,4 +108,5 @@ def knob(default, help: str):
 
 # Registration happens on import; keep this list in the order the README's method table uses.
 from . import full, ojakv, static_pca, latent, streaming_llm, h2o, snapkv, pyramidkv, kivi  # noqa: E402,F401
+from . import compose  # noqa: E402,F401  (compositions of the methods above)
 from . import pod  # noqa: E402,F401  (after kivi in the README table)

@@ -127,6 +127,8 @@ def ranks_for(config: OjaKVConfig, head_dim: int, eigvals_k=None, eigvals_v=None
 class OjaKVLayer(CacheLayer):
     """One decoder layer's hybrid low-rank storage (see the module docstring for the layout)."""
 
+    uses_shared_positions = True  # pre-RoPE keys read their positions from the cache-wide store
+
     def __init__(self, layer_idx: int, shared: SharedState, config: OjaKVConfig, ranks, init_bases=None):
         super().__init__(layer_idx, shared)
         self.config = config
@@ -254,6 +256,11 @@ class OjaKVLayer(CacheLayer):
             raise OjaKVError("pre_rope keys need token positions: build the cache with ojakv.make_cache(model, ...)")
         return stored.view[:, start : start + count].long()
 
+    def _body_angles(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE angles of the stored tokens [start, start + count), shared by all layers of the step."""
+        self._positions(start, count)  # fails clearly if positions were never recorded
+        return self.shared.span_angles(start, count)
+
     def _oja_update(self) -> None:
         """Light periodic update from the running statistics, then re-express stored coefficients."""
         started = time.perf_counter()  # host time; on CUDA the bench synchronises around whole steps instead
@@ -308,9 +315,7 @@ class OjaKVLayer(CacheLayer):
         """Keys of the stored tokens [start, start + n) (cache order) from their coefficients, RoPE re-applied."""
         keys = coef.float() @ self.u_k.transpose(-1, -2)
         if self.config.key_mode == "pre_rope":
-            self._positions(start, coef.shape[2])  # fails clearly if positions were never recorded
-            cos, sin = self.shared.span_angles(start, coef.shape[2])
-            keys = apply_rope(keys, cos, sin)
+            keys = apply_rope(keys, *self._body_angles(start, coef.shape[2]))
         return keys.to(self.dtype)
 
     def _takes_latent_path(self, attention: AttentionInputs | None, q: int) -> bool:
@@ -322,8 +327,7 @@ class OjaKVLayer(CacheLayer):
         start, body = self.k_sink.shape[2], self.k_coef.length
         angles = None
         if self.config.key_mode == "pre_rope":
-            self._positions(start, body)  # fails clearly if positions were never recorded
-            angles = self.shared.span_angles(start, body)
+            angles = self._body_angles(start, body)
         latent_attention.post_body(attention.module, latent_attention.LowRankBody(
             start=start, key_coef=self.k_coef.view, value_coef=self.v_coef.view, key_basis=self.u_k,
             value_basis=self.u_v, key_angles=angles, exact_index=self.exact_idx, exact_keys=self.k_exact,
@@ -367,7 +371,9 @@ def _residual_scores(queries: torch.Tensor, residual: torch.Tensor) -> torch.Ten
     return (grouped @ residual.transpose(-1, -2)).abs().mean(2)
 
 
-def build_low_rank(model, config: OjaKVConfig):
+def build_low_rank(model, config: OjaKVConfig, layer_class: type[OjaKVLayer] = None):
+    """(factory, track_positions): per layer, ranks and starting bases (calibration or weights) for
+    ``layer_class`` (OjaKVLayer or a subclass taking the same arguments)."""
     from ..calibration import load_calibration, weight_spectra
     from ..models import geometry
 
@@ -381,35 +387,46 @@ def build_low_rank(model, config: OjaKVConfig):
     if config.key_basis == "queries+keys":
         key_name = "qk_pre"
 
+    layer_class = layer_class or OjaKVLayer
+
     def factory(layer_idx: int, shared: SharedState) -> OjaKVLayer:
         if calibration is None:
-            return OjaKVLayer(layer_idx, shared, config, ranks_for(config, head_dim))
+            return layer_class(layer_idx, shared, config, ranks_for(config, head_dim))
         vals_k, vecs_k = calibration.layer(key_name, layer_idx)
         vals_v, vecs_v = calibration.layer("v", layer_idx)
         ranks = ranks_for(config, head_dim, vals_k, vals_v)
-        return OjaKVLayer(layer_idx, shared, config, ranks, (vecs_k, vecs_v))
+        return layer_class(layer_idx, shared, config, ranks, (vecs_k, vecs_v))
 
-    return factory, config.key_mode == "pre_rope"
+    return factory, config.key_mode == "pre_rope" and layer_class.uses_shared_positions
+
+
+def held_bytes_per_head(config: OjaKVConfig, geometry, n_tokens: int, rank: int, dtype_bytes: int,
+                        position_bytes: float) -> float:
+    """Predicted bytes one layer and KV head holds for ``n_tokens`` tokens at ``rank`` (the README's formula):
+    anchors and window full, the body as coefficients, bases and Oja statistics in float32, residual tokens,
+    and ``position_bytes`` per token for pre-RoPE positions."""
+    d, s = geometry.head_dim, dtype_bytes
+    anchors = min(n_tokens, config.n_sink + config.n_recent)
+    exact = min(config.n_residual, n_tokens - anchors) if config.policy == "residual" else 0
+    body = 2 * (n_tokens - anchors) * config.coefficient_bytes(rank, s)
+    positions = position_bytes * n_tokens if config.key_mode == "pre_rope" else 0
+    return 2 * anchors * d * s + body + 4 * d * rank * 4 + exact * (2 * d * s + 12) + positions
 
 
 def budget_to_rank(config_class: type):
-    """A ``for_budget`` for low-rank methods: the rank whose predicted held bytes (the README's formula, per layer
-    and KV head, with this config class's anchors and policy) come closest to the budget."""
+    """A ``for_budget`` for low-rank methods: the rank whose predicted held bytes (``held_bytes_per_head`` with this
+    config class's anchors and policy) come closest to the budget."""
 
     def for_budget(knobs, geometry, prompt_tokens, new_tokens, dtype_bytes, budget) -> dict:
         config = config_class(**{**knobs, "rank_ratio": 0.5, "rank": None, "energy": None})
         n_tokens = prompt_tokens + new_tokens
-        d, s = geometry.head_dim, dtype_bytes
-        full = 2 * n_tokens * d * s
-        anchors = min(n_tokens, config.n_sink + config.n_recent)
-        exact = min(config.n_residual, n_tokens - anchors) if config.policy == "residual" else 0
-        positions = 4 * n_tokens / (geometry.num_layers * geometry.num_kv_heads) if config.key_mode == "pre_rope" else 0
+        full = 2 * n_tokens * geometry.head_dim * dtype_bytes
+        shared_positions = 4 / (geometry.num_layers * geometry.num_kv_heads)  # int32 per token, once per cache
 
-        def held(r: int) -> float:
-            body = 2 * (n_tokens - anchors) * config.coefficient_bytes(r, s)
-            return 2 * anchors * d * s + body + 4 * d * r * 4 + exact * (2 * d * s + 12) + positions
+        def ratio(r: int) -> float:
+            return held_bytes_per_head(config, geometry, n_tokens, r, dtype_bytes, shared_positions) / full
 
-        best = min(range(1, d + 1), key=lambda r: abs(held(r) / full - budget))
+        best = min(range(1, geometry.head_dim + 1), key=lambda r: abs(ratio(r) - budget))
         return {"rank": best, "rank_ratio": None, "energy": None}
 
     return for_budget
