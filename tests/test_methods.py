@@ -58,7 +58,7 @@ def test_no_compression_setting_reproduces_the_full_cache(tiny, method):
     assert (greedy_scores(tiny, ids, mask, cache, steps=24) - reference).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "phi3"])
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text"])
 @pytest.mark.parametrize("method", ["ojakv", "snapkv", "streaming-llm"])
 def test_every_supported_family_is_exact_at_no_compression(model_type, method):
     model = tiny_model(model_type, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, max_context=1024)

