@@ -49,7 +49,7 @@ class SharedState:
         self.geometry = geometry(model)
         self.rotary = rotary_embedding(model)
         self.step: StepInputs | None = None
-        self._span_angles: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._step_memo: dict = {}  # cleared at every forward call and after the last layer
         self.seen = 0
         # Positions of every cached token, stored once for all layers (int32) when a layer needs to re-apply
         # RoPE at reconstruction; counted in the memory report.
@@ -64,7 +64,7 @@ class SharedState:
         else:
             valid = torch.ones(batch, q, dtype=torch.bool, device=device)
         self.step = StepInputs(positions=positions, valid=valid)
-        self._span_angles = {}
+        self._step_memo = {}
         self.seen += q
         if self.positions is not None:
             self.positions.append(positions.to(torch.int32))
@@ -77,15 +77,19 @@ class SharedState:
         return cos.view(*positions.shape, -1), sin.view(*positions.shape, -1)
 
     def end_forward(self) -> None:
-        self._span_angles = {}
+        self._step_memo = {}
 
     def span_angles(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of the stored tokens [start, start + count), computed once per forward call for all layers
         (every layer asks for the same span when it rebuilds its body)."""
-        key = (start, count)
-        if key not in self._span_angles:
-            self._span_angles[key] = self.rope_angles(self.positions.view[:, start : start + count])
-        return self._span_angles[key]
+        return self.step_memo(("span", start, count),
+                              lambda: self.rope_angles(self.positions.view[:, start : start + count]))
+
+    def step_memo(self, key, compute):
+        """``compute()``, once per forward call and key: what every layer of the step would compute alike."""
+        if key not in self._step_memo:
+            self._step_memo[key] = compute()
+        return self._step_memo[key]
 
     def memory(self) -> dict[str, int]:
         return {"positions": self.positions.nbytes} if self.positions is not None else {}

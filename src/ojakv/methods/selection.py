@@ -42,18 +42,26 @@ class SelectionLayer(CacheLayer):
         if self.seen == 0:
             keep = self.select(key_states, value_states, step, attention)
             rows = keep.unsqueeze(-1).expand(-1, -1, -1, key_states.shape[-1])
-            self.keys_buf.append(key_states.gather(2, rows))
+            self.keys_buf.append(self.stored_keys(key_states, attention).gather(2, rows))
             self.values_buf.append(value_states.gather(2, rows))
             self.seen += q
             return key_states, value_states  # the prompt itself is attended to in full
         # Evict before appending, never after: the mask for this call was built for kept + q tokens, so the
         # tokens held when the call starts must all be returned with the new ones.
         self.before_append()
-        self.keys_buf.append(key_states)
+        self.keys_buf.append(self.stored_keys(key_states, attention))
         self.values_buf.append(value_states)
         self.seen += q
         self.after_append(attention)
-        return self.keys_buf.view, self.values_buf.view
+        return self.returned_keys(self.keys_buf.view, step), self.values_buf.view
+
+    def stored_keys(self, keys: torch.Tensor, attention: AttentionInputs | None) -> torch.Tensor:
+        """Keys as the buffer keeps them (default: as the model rotated them)."""
+        return keys
+
+    def returned_keys(self, held: torch.Tensor, step: StepInputs) -> torch.Tensor:
+        """Keys handed to attention, held ones and this call's (default: as stored)."""
+        return held
 
     def select(self, keys, values, step: StepInputs, attention: AttentionInputs | None) -> torch.Tensor:
         """Indices [b, h, k] (ascending) of the prompt tokens to keep."""

@@ -2,8 +2,11 @@
 
 Xiao et al., arXiv 2309.17453. Eviction happens at prefill and at the start of every later call, so memory stays
 constant (the sinks and window plus the last call's new tokens).
-Keys keep the positions they were cached with (no re-rotation to in-cache positions: the paper's ``pos_shift``
-would also have to move the query's position, which lives outside the cache).
+By default keys keep the positions they were cached with. ``rerotate=True`` is the paper's ``pos_shift``: keys
+are held before RoPE and rotated every call to consecutive in-cache positions. The query keeps the absolute
+position the model gives it, so the held keys are placed at P − held + j (P: the call's first position, j: the
+cache index), which gives every query–key pair the distance the in-cache positions would: RoPE only sees
+differences. Costs one rotation of the held keys per layer and call.
 Defaults follow the paper: 4 sinks; the window is the method's budget.
 """
 
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import OjaKVError
+from ..rope import apply_rope, undo_rope
 from . import Method, knob, register
 from .selection import SelectionLayer
 
@@ -22,6 +26,7 @@ from .selection import SelectionLayer
 class StreamingLLMConfig:
     n_sink: int = knob(4, "first real tokens always kept (attention sinks)")
     window: int = knob(1020, "most recent tokens kept")
+    rerotate: bool = knob(False, "re-rotate kept keys to consecutive in-cache positions each call (pos_shift)")
 
     def validate(self) -> None:
         if self.n_sink < 0 or self.window < 1:
@@ -42,6 +47,21 @@ class StreamingLLMLayer(SelectionLayer):
         recent = torch.arange(n - self.config.window, n, device=keys.device).expand(b, -1)
         keep = torch.cat([sinks, recent], dim=-1).clamp(max=n - 1)
         return keep[:, None, :].expand(b, h, -1)
+
+    def stored_keys(self, keys, attention):
+        if not self.config.rerotate:
+            return keys
+        if attention is None:
+            raise OjaKVError("rerotate needs the RoPE angles: build the cache with ojakv.make_cache(model, ...)")
+        return undo_rope(keys, attention.cos, attention.sin)
+
+    def returned_keys(self, held, step):
+        if not self.config.rerotate:
+            return held
+        start = step.positions[:, :1] - (held.shape[2] - step.positions.shape[1])  # P − held tokens
+        cos, sin = self.shared.step_memo(("in-cache angles", held.shape[2]), lambda: self.shared.rope_angles(
+            start + torch.arange(held.shape[2], device=held.device)))
+        return apply_rope(held, cos, sin)
 
     def eviction_limit(self) -> int:
         return self.config.n_sink + self.config.window
