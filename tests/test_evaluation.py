@@ -112,3 +112,14 @@ def test_needle_grid_draws_a_heatmap(model, tokenizer, tmp_path):
     depths = sorted({json.loads(line)["meta"]["depths"][0] for line in (tmp_path / "samples.jsonl").read_text().splitlines()})
     assert depths == [0.0, 0.1, 0.2]
     assert (tmp_path / "needle_grid_full_None_after.png").stat().st_size > 1000
+
+
+def test_an_unreachable_budget_is_reported_and_the_sweep_goes_on(model, tokenizer, tmp_path):
+    """Cross-layer sharing cannot go below what a 2-layer model's values alone hold: that row says so."""
+    spec = MethodSpec.parse("pod")
+    run_sweep(model, tokenizer, [spec, MethodSpec.parse("ojakv:init=prompt")], tasks=["passkey"], lengths=[512],
+              samples=1, budgets=[0.25], placements=["after"], out_dir=tmp_path, max_new_tokens=2, progress=False)
+    rows = write_reports(tmp_path)
+    by_method = {r["method"]: r for r in rows}
+    assert by_method["pod"]["n"] == 0 and "budget" in by_method["pod"]["note"]
+    assert by_method["ojakv:init=prompt"]["n"] == 1

@@ -27,6 +27,12 @@ def summarise(samples_path: Path) -> list[dict]:
         groups[tuple(record[k] for k in ("method", "budget", "task", "length", "placement"))].append(record)
     rows = []
     for (method, budget, task, length, placement), records in sorted(groups.items(), key=_sort_key):
+        measured = [r for r in records if "unreachable" not in r]
+        if not measured:
+            rows.append({"method": method, "budget": budget, "task": task, "length": length, "placement": placement,
+                         "n": 0, "accuracy": "", "held_ratio": "", "note": records[0]["unreachable"]})
+            continue
+        records = measured
         ratio = mean(r["held_ratio"] for r in records)
         note = ""
         if budget is not None and abs(ratio - budget) > BUDGET_TOLERANCE:
@@ -72,7 +78,8 @@ def _plot(rows: list[dict], out_dir: Path) -> None:
     panels = sorted({(r["task"], r["placement"], r["length"]) for r in rows})
     for task, placement, length in panels:
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        subset = [r for r in rows if (r["task"], r["placement"], r["length"]) == (task, placement, length)]
+        subset = [r for r in rows if (r["task"], r["placement"], r["length"]) == (task, placement, length)
+                  and r["n"]]  # an unreachable budget has no point
         for method in sorted({r["method"] for r in subset}):
             points = sorted((r["held_ratio"], r["accuracy"]) for r in subset if r["method"] == method)
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)

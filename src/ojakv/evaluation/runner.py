@@ -49,9 +49,17 @@ class MethodSpec:
         return cls(text.strip(), name, tuple(knobs))
 
     def knobs_for(self, model, prompt_tokens: int, new_tokens: int, budget: float | None) -> dict:
+        """The method's knobs, with its size knobs set for ``budget`` (raises UnreachableBudget if it cannot)."""
         if budget is None:
             return dict(self.knobs)
-        return knobs_for_budget(self.name, dict(self.knobs), model, prompt_tokens, new_tokens, budget)
+        try:
+            return knobs_for_budget(self.name, dict(self.knobs), model, prompt_tokens, new_tokens, budget)
+        except OjaKVError as error:
+            raise UnreachableBudget(str(error)) from error
+
+
+class UnreachableBudget(OjaKVError):
+    """A method's knobs cannot bring it to the budget asked (e.g. cross-layer sharing has a floor)."""
 
 
 def _key(record: dict) -> tuple:
@@ -101,11 +109,15 @@ def run_sweep(model, tokenizer, specs: list[MethodSpec], *, tasks: list[str], le
     with path.open("a") as sink:
         for spec, budget, task, length, placement, index in tqdm(todo, desc="eval", unit="sample",
                                                                    disable=not progress):
-            if task == "ppl":
-                record = _perplexity(model, tokenizer, spec, budget, length, index, seed)
-            else:
-                record = _generate(model, tokenizer, spec, budget, make_sample(task, tokenizer, length, index, seed),
-                                   placement, max_new_tokens)
+            try:
+                if task == "ppl":
+                    record = _perplexity(model, tokenizer, spec, budget, length, index, seed)
+                else:
+                    record = _generate(model, tokenizer, spec, budget,
+                                       make_sample(task, tokenizer, length, index, seed), placement, max_new_tokens)
+            except UnreachableBudget as unreachable:  # recorded, so the sweep goes on and the report says why
+                record = {"method": spec.label, "budget": budget, "task": task, "length": length,
+                          "placement": placement, "index": index, "unreachable": str(unreachable)}
             sink.write(json.dumps(record) + "\n")
             sink.flush()
     return path
