@@ -73,3 +73,11 @@ def test_every_command_has_help(capsys):
             main([command, "--help"])
         assert exit_info.value.code == 0
         assert "usage: ojakv" in capsys.readouterr().out
+
+
+def test_method_lists_keep_composition_names_whole():
+    from ojakv.cli import _specs
+
+    specs = _specs("full,snapkv+ojakv,ojakv+quant:rank=8+coef_bits=8")
+    assert [(s.name, dict(s.knobs)) for s in specs] == [
+        ("full", {}), ("snapkv+ojakv", {}), ("ojakv+quant", {"rank": 8, "coef_bits": 8})]

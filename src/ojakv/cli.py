@@ -137,7 +137,11 @@ def _split(text: str, cast, what: str) -> list:
 def _specs(text: str):
     from .evaluation import MethodSpec
 
-    return [MethodSpec.parse(item.replace("+", ",")) for item in text.split(",") if item.strip()]
+    specs = []
+    for item in filter(str.strip, text.split(",")):
+        name, colon, knobs = item.partition(":")  # '+' joins knobs after the colon; names may hold one too
+        specs.append(MethodSpec.parse(name + colon + knobs.replace("+", ",")))
+    return specs
 
 
 def _bench(args) -> int:
