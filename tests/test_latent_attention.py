@@ -124,3 +124,19 @@ def test_latent_attention_equals_sdpa_on_the_rebuilt_tensors(batch, kv_heads, gr
     rep = lambda t: t.repeat_interleave(groups, dim=1)  # noqa: E731
     reference = torch.nn.functional.scaled_dot_product_attention(query, rep(keys), rep(values), attn_mask=mask)
     assert (out - reference.transpose(1, 2)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "gemma2", "gemma3_text"])
+def test_latent_path_equals_the_reconstruct_path_on_other_families(model_type):
+    """q/k norms (Qwen3, Gemma 3), soft-capping and query_pre_attn_scalar (Gemma 2), sliding layers left alone."""
+    torch.manual_seed(0)
+    model = tiny_model(model_type, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, max_context=1024)
+    for layer in model.model.layers:  # a cap the random model's scores reach, so that capping matters
+        if getattr(layer.self_attn, "attn_logit_softcapping", None):
+            layer.self_attn.attn_logit_softcapping = 0.02
+    ids, mask = padded_batch(model.config.vocab_size, (70, 52), seed=6)
+    knobs = dict(rank=6, n_sink=4, n_recent=6, update_interval=8)
+    rebuilt = greedy_scores(model, ids, mask, ojakv.make_cache(model, "ojakv", attention="reconstruct", **knobs),
+                            steps=12)
+    scores = greedy_scores(model, ids, mask, ojakv.make_cache(model, "ojakv", **knobs), steps=12)
+    assert (scores - rebuilt).abs().max() <= 1e-5

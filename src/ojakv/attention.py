@@ -86,8 +86,6 @@ def latent_attention(module, query, key, value, attention_mask, dropout: float =
         inner = module.config._attn_implementation.removeprefix(PREFIX)
         function = ALL_ATTENTION_FUNCTIONS.get_interface(inner, _eager)
         return function(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    if kwargs.get("softcap") is not None:
-        raise NotImplementedError("latent attention does not apply logit soft-capping; use attention='reconstruct'")
     b, heads, q, d = query.shape
     kv_heads = key.shape[1]
     scale = scaling if scaling is not None else d**-0.5
@@ -97,6 +95,9 @@ def latent_attention(module, query, key, value, attention_mask, dropout: float =
     dense_scores = grouped @ key.float().transpose(-1, -2)
     start = body.start
     scores = torch.cat([dense_scores[..., :start], body_scores, dense_scores[..., start:]], dim=-1) * scale
+    softcap = kwargs.get("softcap")
+    if softcap is not None:  # Gemma 2's logit soft-capping, before the mask as in its eager attention
+        scores = torch.tanh(scores / softcap) * softcap
     scores = _masked(scores, attention_mask, heads // kv_heads, q)
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a padding query row sees nothing
     end = start + body.length
