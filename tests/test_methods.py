@@ -29,6 +29,7 @@ NO_COMPRESSION = {
     "kivi": dict(residual=100_000 // 16 * 16, group=16),
     "mla-latent": dict(rank_ratio=1.0),
     "eigen": dict(rank_ratio=1.0, init="prompt", key_basis="keys"),
+    "turboquant": dict(residual=100_000),
     "ojakv+quant": dict(rank_ratio=1.0, eta_decode=0.0, coef_bits=0),  # the codec off
     "pod": dict(delta=2.0),  # δ > 1: no layer shares keys
     "snapkv+ojakv": dict(capacity=100_000, rank_ratio=1.0, eta_decode=0.0),
@@ -39,6 +40,7 @@ COMPRESSING = {
     "streaming-llm": dict(window=40), "snapkv": dict(capacity=48, window=8), "pyramidkv": dict(capacity=48, window=8),
     "h2o": dict(heavy=24, recent=24), "h2o-prefill": dict(capacity=48), "kivi": dict(group=16, residual=32),
     "mla-latent": {}, "eigen": dict(init="prompt", key_basis="keys"),
+    "turboquant": dict(bits=2.5),
     "ojakv+quant": {},
     "pod": dict(delta=0.0, window=16),  # δ = 0: every layer shares its base's distant keys, no file needed
     "snapkv+ojakv": dict(capacity=48, window=8),
@@ -93,7 +95,7 @@ def test_compressing_run_holds_what_it_reports_per_kv_head(tiny, method):
 
 CALIBRATION_FREE = {"staticpca": {"init": "prompt"}, "staticpca-h": {"init": "prompt"},
                     "eigen": {"init": "prompt", "key_basis": "keys"}}
-DISCRETE = {"kivi"}  # bit widths: only a few ratios are reachable; eval rows say when a budget is missed
+DISCRETE = {"kivi", "turboquant"}  # bit widths: only a few ratios are reachable; eval rows say when a budget is missed
 DISCRETE |= {"pod"}  # layer-group sizes; values stay per layer, so 2 layers cannot go below 0.75 (test_pod.py)
 CAPPED = {"ojakv+quant": (0.25, 0.15)}  # 4-bit codes of a float32 model: even full rank holds only about 0.31
 

@@ -110,3 +110,4 @@ def knob(default, help: str):
 from . import full, ojakv, static_pca, latent, streaming_llm, h2o, snapkv, pyramidkv, kivi  # noqa: E402,F401
 from . import compose  # noqa: E402,F401  (compositions of the methods above)
 from . import pod  # noqa: E402,F401  (after kivi in the README table)
+from . import turboquant  # noqa: E402,F401
