@@ -115,7 +115,6 @@ def test_embedded_model_runs_the_local_tasks():
     except OjaKVError as missing:  # the message says how to install it
         pytest.skip(str(missing))
     results = simple_evaluate(model="ojakv", model_args="pretrained=embedded,method=ojakv,rank_ratio=0.5",
-                              tasks=["ojakv_passkey", "ojakv_recall"], limit=3, device="cpu",
+                              tasks=["ojakv_passkey"], limit=2, batch_size=2, device="cpu",
                               task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False))["results"]
-    assert results["ojakv_passkey"]["exact_match,first_number"] == 1.0  # short pass keys survive half rank
-    assert 0.0 <= results["ojakv_recall"]["acc,none"] <= 1.0
+    assert results["ojakv_passkey"]["exact_match,first_number"] == 1.0  # 450-token pass keys survive half rank

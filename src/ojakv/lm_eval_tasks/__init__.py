@@ -2,8 +2,8 @@
 
 - ``ojakv_recall`` (loglikelihood, multiple choice): where did someone leave something, among distractor facts
   in filler text (about 300 tokens of context, so a compressed cache holds more than its full-precision anchors).
-- ``ojakv_passkey`` (generate_until): a five-digit pass key hidden at depths 0.1 to 0.9 of about 450 tokens.
-- ``ojakv_rolling`` (loglikelihood_rolling): three short paragraphs, scored as perplexity.
+- ``ojakv_passkey`` (generate_until): a five-digit pass key hidden at depths 0.1 to 0.9 of 430-450 tokens.
+- ``ojakv_rolling`` (loglikelihood_rolling): three paragraphs of 120-160 tokens, scored as perplexity.
 - ``ojakv_local``: the group of all three.
 
 Pass this folder to lm-eval with ``--include_path`` (``python -m ojakv.lm_eval`` adds it for you).
