@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -30,8 +32,8 @@ NO_COMPRESSION = {
     "mla-latent": dict(rank_ratio=1.0),
     "eigen": dict(rank_ratio=1.0, init="prompt", key_basis="keys"),
     "turboquant": dict(residual=100_000),
-    "ojakv+quant": dict(rank_ratio=1.0, eta_decode=0.0, coef_bits=0),  # the codec off
     "pod": dict(delta=2.0),  # δ > 1: no layer shares keys
+    "ojakv+quant": dict(rank_ratio=1.0, eta_decode=0.0, coef_bits=0),  # the codec off
     "snapkv+ojakv": dict(capacity=100_000, rank_ratio=1.0, eta_decode=0.0),
 }
 # Knobs for a compressing run that needs no calibration file.
@@ -41,8 +43,8 @@ COMPRESSING = {
     "h2o": dict(heavy=24, recent=24), "h2o-prefill": dict(capacity=48), "kivi": dict(group=16, residual=32),
     "mla-latent": {}, "eigen": dict(init="prompt", key_basis="keys"),
     "turboquant": dict(bits=2.5),
-    "ojakv+quant": {},
     "pod": dict(delta=0.0, window=16),  # δ = 0: every layer shares its base's distant keys, no file needed
+    "ojakv+quant": {},
     "snapkv+ojakv": dict(capacity=48, window=8),
 }
 METHODS = sorted(registered())
@@ -182,3 +184,29 @@ def test_a_multi_token_chunk_after_the_prompt_works(tiny, method):
         out = tiny.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=3,
                             do_sample=False, pad_token_id=0)
     assert out.shape[1] == 123
+
+
+def test_votes_use_the_model_s_own_scale_and_soft_capping(monkeypatch):
+    """Gemma 2 scales scores by query_pre_attn_scalar and soft-caps them: SnapKV's votes must equal the
+    probabilities its eager attention computes."""
+    from ojakv.methods import selection
+
+    torch.manual_seed(0)
+    model = tiny_model("gemma2", num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, max_context=1024)
+    for layer in model.model.layers:
+        layer.self_attn.attn_logit_softcapping = 0.05
+        layer.self_attn.scaling = 0.7
+    ids = torch.randint(3, model.config.vocab_size, (1, 60))
+    captured = {}
+    original = selection.attention_votes
+
+    def spy(keys, attention, step, n_queries, chunk=256):
+        captured[attention.module.layer_idx] = original(keys, attention, step, n_queries, chunk)
+        return captured[attention.module.layer_idx]
+
+    monkeypatch.setattr(sys.modules["ojakv.methods.snapkv"], "attention_votes", spy)
+    with torch.no_grad():
+        model(ids, past_key_values=ojakv.make_cache(model, "snapkv", capacity=30, window=8), use_cache=True)
+        probs = model(ids, output_attentions=True).attentions[1][0]  # the global layer, [H, n, n]
+    reference = probs[:, -8:].sum(1).view(2, 2, -1).mean(1)
+    assert torch.allclose(captured[1][0], reference, atol=1e-5)

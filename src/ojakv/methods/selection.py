@@ -105,7 +105,8 @@ def attention_votes(keys: torch.Tensor, attention: AttentionInputs | None, step:
         queries = compute_queries(attention.module, attention.hidden_states[:, start:stop],
                                   attention.cos[:, start:stop], attention.sin[:, start:stop]).float()
         groups = queries.shape[1] // h
-        logits = queries.view(b, h, groups, stop - start, d) @ keys_t / d**0.5
+        logits = _capped(queries.view(b, h, groups, stop - start, d) @ keys_t * _scaling(attention.module, d),
+                         attention.module)
         causal = positions[None, :] <= positions[start:stop, None]
         logits = logits.masked_fill(~(step.valid[:, None, None, None, :] & causal), float("-inf"))
         probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a padded query row has no visible key
@@ -122,8 +123,20 @@ def current_attention(keys: torch.Tensor, attention: AttentionInputs | None) -> 
     b, h, n, d = keys.shape
     queries = compute_queries(attention.module, attention.hidden_states, attention.cos, attention.sin).float()
     groups, q = queries.shape[1] // h, queries.shape[2]
-    logits = queries.view(b, h, groups, q, d) @ keys.float().unsqueeze(2).transpose(-1, -2) / d**0.5
+    logits = queries.view(b, h, groups, q, d) @ keys.float().unsqueeze(2).transpose(-1, -2)
+    logits = _capped(logits * _scaling(attention.module, d), attention.module)
     return torch.softmax(logits, dim=-1).sum(3).mean(2)
+
+
+def _scaling(module: torch.nn.Module, head_dim: int) -> float:
+    """The model's own score scale (Gemma's query_pre_attn_scalar differs from 1/√d)."""
+    return getattr(module, "scaling", head_dim**-0.5)
+
+
+def _capped(logits: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+    """Gemma 2's logit soft-capping, as its attention applies it before the softmax."""
+    cap = getattr(module, "attn_logit_softcapping", None)
+    return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 def pool_scores(scores: torch.Tensor, kernel: int, how: str) -> torch.Tensor:
