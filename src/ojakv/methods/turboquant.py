@@ -6,14 +6,14 @@ uniformly random unit vector in R^d, ∝ (1 − t²)^((d − 3)/2). So one Lloyd
 once numerically, quantizes every coordinate near-optimally without calibration. Per vector the cache stores
 ‖x‖ (float16) and the index of the nearest centroid of each coordinate of Π·x/‖x‖; it rebuilds Πᵀ·c[idx]·‖x‖.
 
-- **Keys use the inner-product ("prod") variant by default** (``key_variant="prod"``): the MSE stage at b − 1
-  bits, then 1-bit QJL of the residual r: signs of S·r with S a seeded Gaussian d×d, plus γ = ‖r‖ (float16), added
-  back as √(π/2)/d·γ·Sᵀ·signs, which makes every logit qᵀk unbiased. Values use the MSE variant at b bits (they are
-  averaged, not dotted with a query). The paper does not say which variant goes to K or V; ``key_variant="mse"``
-  gives keys the MSE variant too. Unbiased is not more accurate: at equal bits the prod variant's logit error
-  variance is about five times the MSE variant's (0.18/d against 0.034/d at 3 bits), and on the embedded model
-  the 3,000-token pass key is missed with prod keys at 3.5 bits but found with MSE keys
-  (``ojakv generate --method turboquant --passkey 3000``, 2026-11-23).
+- **Keys use the MSE variant by default** (``key_variant="mse"``), like values. ``key_variant="prod"`` is the
+  paper's inner-product variant for keys: the MSE stage at b − 1 bits, then 1-bit QJL of the residual r: signs of
+  S·r with S a seeded Gaussian d×d, plus γ = ‖r‖ (float16), added back as √(π/2)/d·γ·Sᵀ·signs, which makes every
+  logit qᵀk unbiased. The paper does not say which variant goes to K or V. Unbiased is not more accurate: at equal
+  bits the prod variant's logit error variance is about five times the MSE variant's (0.18/d against 0.034/d at
+  3 bits), and on the embedded model the 3,000-token pass key was missed with prod keys at 2.5, 3.5 and 4 bits
+  (also with 128 exact recent tokens) but found with MSE keys at 3, 3.5 and 4 bits
+  (``ojakv generate --method turboquant --passkey 3000``, 2026-11-23). Hence the default.
 - **Fractional bits** (2.5, 3.5) split each head's channels: ``outlier_fraction`` (¼) of them at b + 1 bits, the
   rest at b bits, each set its own independent quantizer (own rotation, projection and codebook). The paper does
   not say how outliers are chosen: here they are the channels with the largest RMS over the prompt, chosen per
@@ -60,7 +60,7 @@ _TINY = 1e-30
 @dataclass
 class TurboQuantConfig:
     bits: float = knob(3.5, "bits per coordinate: 2, 3 or 4, or 2.5 / 3.5 (outlier channels one bit more)")
-    key_variant: str = knob("prod", "keys: prod (b-1-bit MSE + 1-bit QJL of the residual, unbiased) or mse")
+    key_variant: str = knob("mse", "keys: mse, or prod (b-1-bit MSE + 1-bit QJL of the residual, unbiased)")
     outlier_fraction: float = knob(0.25, "share of channels one bit wider at 2.5 / 3.5 bits (largest prompt RMS)")
     residual: int = knob(0, "recent tokens kept in full precision (0: every token quantized, as the paper)")
     rotation_seed: int = knob(0, "seed of the random rotations and QJL projections")
