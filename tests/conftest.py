@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import DynamicCache
 
 from ojakv.models import tiny_model
 from ojakv.storage import GrowableTensor
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-examples", type=int, default=None,
+                     help="hypothesis examples per method in tests/test_fuzz.py (same as OJAKV_FUZZ_EXAMPLES)")
+
+
+def pytest_configure(config):
+    examples = config.getoption("--fuzz-examples", default=None)
+    if examples:
+        os.environ["OJAKV_FUZZ_EXAMPLES"] = str(examples)  # read when tests/test_fuzz.py is imported
 
 
 @pytest.fixture(autouse=True)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from contextlib import contextmanager
 
 from .cache import CompressedCache
+from .errors import OjaKVError
 from .methods import get_method, registered
 
 
@@ -15,12 +18,56 @@ def make_cache(model, method: str = "ojakv", **knobs) -> CompressedCache:
     ``knobs`` are the method's own settings (see ``ojakv.methods()``), e.g. ``rank_ratio=0.5``. A cache serves
     one generation: make a new one for each prompt or batch.
     """
-    spec = get_method(method)
-    config = spec.make_config(**knobs)
+    _check_model(model)
+    spec, config = _config(method, knobs)
     factory, track_positions = spec.build(model, config)
     return CompressedCache(
         model, factory, method=method, config=dataclasses.asdict(config), track_positions=track_positions
     )
+
+
+def _check_model(model) -> None:
+    """A transformers model of a supported family, or one line saying what to pass instead."""
+    import torch
+
+    from .models import check_supported
+
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise OjaKVError(f"expected a Hugging Face causal language model (e.g. from ojakv.load_model(...)), "
+                         f"got {type(model).__name__}")
+    check_supported(model.config)
+
+
+def _config(method: str, knobs: dict):
+    """The method and its validated config; knob values of the wrong type are refused before ``validate``
+    compares them (which would raise a TypeError, or accept a float where an index is needed)."""
+    spec = get_method(method)
+    fields = {f.name: f for f in dataclasses.fields(spec.config_class)}
+    for name, value in knobs.items():
+        if name in fields:
+            _check_knob_type(spec.name, fields[name], value)
+    return spec, spec.make_config(**knobs)
+
+
+def _check_knob_type(method: str, field: dataclasses.Field, value) -> None:
+    annotation = str(field.type)
+    if value is None:
+        if "None" not in annotation:
+            raise OjaKVError(f"{method} knob {field.name} cannot be None: leave it out for its default "
+                             f"({field.default!r})")
+        return
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if "float" in annotation:
+        expected, ok = "a finite number", number and math.isfinite(value)
+    elif "int" in annotation:
+        expected, ok = "a whole number", number and isinstance(value, numbers.Integral)
+    elif "str" in annotation:
+        expected, ok = "a string", isinstance(value, str)
+    else:
+        return
+    if not ok:
+        example = f" (default {field.default!r})" if field.default is not None else ""
+        raise OjaKVError(f"{method} knob {field.name} takes {expected}, got {value!r}{example}")
 
 
 def methods() -> dict[str, dict]:
@@ -52,7 +99,8 @@ def compress(model, method: str = "ojakv", **knobs):
     ...     model.generate(**inputs, max_new_tokens=32)
     ...     print(run.last_cache.memory().table())
     """
-    get_method(method).make_config(**knobs)  # a bad knob fails here, not inside generate
+    _check_model(model)
+    _config(method, knobs)  # a bad knob fails here, not inside generate
     run = Compression(method, knobs)
     had_own = "generate" in vars(model)
     original = model.generate

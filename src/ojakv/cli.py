@@ -41,6 +41,11 @@ def _given_knobs(args: argparse.Namespace, config_class: type) -> dict:
     from .methods import parse_value
 
     given = {k[len("knob_"):]: v for k, v in vars(args).items() if k.startswith("knob_") and v is not None}
+    annotations = {f.name: str(f.type) for f in dataclasses.fields(config_class)}
+    for name, text in given.items():
+        kind = annotations.get(name, "")
+        if "int" in kind and "float" not in kind and not text.strip().lstrip("+-").isdigit():
+            raise OjaKVError(f"--{name.replace('_', '-')} takes a whole number, got {text!r}")
     return {name: parse_value(config_class, name, text) for name, text in given.items()}
 
 
@@ -152,7 +157,13 @@ def _bench(args) -> int:
     lengths = _split(args.lengths, int, "lengths")
     if args.repeats < 1 or args.decode_tokens < 1 or not lengths:
         raise OjaKVError("give --repeats >= 1, --decode-tokens >= 1 and at least one length")
+    if min(lengths) < MIN_BENCH_LENGTH:
+        raise OjaKVError(f"--lengths must be at least {MIN_BENCH_LENGTH} tokens each, got {args.lengths}")
+    _check_device(args.device)
+    _check_output_file(args.json_out, "--json")
+    _check_output_file(args.plot, "--plot")
     model, tokenizer = load_model(args.model, device=args.device)
+    _check_context(model, max(lengths), args.decode_tokens, "--lengths", "--decode-tokens")
     records = run_bench(model, tokenizer, specs, lengths, repeats=args.repeats, decode_tokens=args.decode_tokens)
     print(bench_table(records))
     if args.json_out:
@@ -160,6 +171,39 @@ def _bench(args) -> int:
     if args.plot:
         plot_decode_time(records, args.plot)
     return 0
+
+
+MIN_BENCH_LENGTH = 64  # the bench warms up on the first 64 tokens of each prompt
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    if device == "cpu":
+        return
+    if not device.startswith("cuda"):
+        raise OjaKVError(f"--device must be cpu or cuda (cuda:N), got {device!r}")
+    if not torch.cuda.is_available():
+        raise OjaKVError(f"--device {device}: this PyTorch sees no CUDA device; use --device cpu")
+
+
+def _check_context(model, prompt_tokens: int, new_tokens: int, prompt_flag: str, new_flag: str) -> None:
+    from .models import geometry
+
+    limit = geometry(model).max_context
+    if prompt_tokens + new_tokens > limit:
+        raise OjaKVError(f"prompt ({prompt_tokens} tokens) + {new_tokens} new tokens exceed the model's context of "
+                         f"{limit}: lower {prompt_flag} or {new_flag}")
+
+
+def _check_output_file(path: Path | None, flag: str) -> None:
+    if path is not None and path.is_dir():
+        raise OjaKVError(f"{flag} {path} is a folder: give a file name inside it")
+
+
+def _check_out_folder(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise OjaKVError(f"--out {path} is a file: give a folder (a new one, or an earlier run's to resume it)")
 
 
 def _eval(args) -> int:
@@ -173,6 +217,9 @@ def _eval(args) -> int:
     lengths = _split(args.lengths, int, "lengths")
     if args.samples < 1 or not lengths or min(lengths) < 128:
         raise OjaKVError("give --samples >= 1 and --lengths of at least 128 tokens each")
+    if args.max_new_tokens < 1:
+        raise OjaKVError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    _check_out_folder(args.out)
     model, tokenizer = load_model(args.model)
     run_sweep(model, tokenizer, specs, tasks=args.tasks.split(","), lengths=lengths, samples=args.samples,
               budgets=budgets, placements=args.placements.split(","), out_dir=args.out, seed=args.seed,
@@ -189,6 +236,12 @@ def _calibrate(args) -> int:
     from .calibration import calibrate
     from .models import load_model
 
+    from .calibration import SKIP_FIRST
+
+    if min(args.chunk_tokens, args.max_tokens) <= SKIP_FIRST:
+        raise OjaKVError(f"give --chunk-tokens and --max-tokens above {SKIP_FIRST} (each chunk's first {SKIP_FIRST} "
+                         f"tokens are skipped), got {args.chunk_tokens} and {args.max_tokens}")
+    _check_output_file(args.out, "--out")
     text = _read_text(args.text_file) if args.text_file else None
     model, tokenizer = load_model(args.model)
     path = calibrate(model, tokenizer, text, chunk_tokens=args.chunk_tokens, max_tokens=args.max_tokens,
@@ -212,7 +265,7 @@ def _generate(args) -> int:
 
     from .api import make_cache
     from .methods import get_method, knobs_for_budget
-    from .models import geometry, load_model
+    from .models import load_model
 
     spec = get_method(args.method)
     knobs = _given_knobs(args, spec.config_class)
@@ -222,14 +275,12 @@ def _generate(args) -> int:
     if args.budget is not None and not 0.0 < args.budget <= 1.0:
         raise OjaKVError(f"--budget is a fraction of the full cache in (0, 1], got {args.budget}")
     text = _user_text(args)  # read and checked before the model loads: bad input fails fast
+    _check_output_file(args.json_out, "--json")
     model, tokenizer = load_model(args.model)
     prompt, expected = _prompt_text(args, text, tokenizer)
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     n_prompt = ids.input_ids.shape[1]
-    limit = geometry(model).max_context
-    if n_prompt + args.max_new_tokens > limit:
-        raise OjaKVError(f"prompt ({n_prompt} tokens) + {args.max_new_tokens} new tokens exceed the model's "
-                         f"context of {limit}: shorten the prompt or lower --max-new-tokens")
+    _check_context(model, n_prompt, args.max_new_tokens, "the prompt", "--max-new-tokens")
     if args.budget is not None:
         knobs = knobs_for_budget(args.method, knobs, model, n_prompt, args.max_new_tokens, args.budget)
     cache = make_cache(model, args.method, **knobs)
@@ -243,6 +294,9 @@ def _generate(args) -> int:
         print(f"\n[pass key expected: {expected}; found: {'yes' if expected in completion else 'no'}]")
     print(f"\nKV cache after {cache.get_seq_length()} tokens, method {args.method}:")
     print(report.table())
+    if args.budget is not None and abs(report.ratio - args.budget) > BUDGET_TOLERANCE:
+        print(f"ojakv: note: {args.method} holds {report.ratio:.2f} of the full cache, not --budget {args.budget}: "
+              f"its fixed parts ({_fixed_parts(cache.config)}) set a floor; lower them or raise --budget", file=sys.stderr)
     if args.json_out:
         record = {"completion": completion, "method": args.method, "model": args.model,
                   "config": cache.config, "prompt_tokens": n_prompt, "memory": report.to_dict()}
@@ -251,6 +305,17 @@ def _generate(args) -> int:
             record["correct"] = expected in completion
         _write_json(args.json_out, record)
     return 0
+
+
+BUDGET_TOLERANCE = 0.02  # as `ojakv eval`: a run further than this from its budget says so
+
+
+def _fixed_parts(knobs: dict) -> str:
+    """The knobs that do not shrink with a budget (anchors, windows), as flags."""
+    names = ("n_sink", "n_recent", "window", "recent", "residual", "group")
+    names += ("n_residual",) if knobs.get("policy") == "residual" else ()
+    fixed = [f"--{name.replace('_', '-')} {value}" for name, value in knobs.items() if name in names]
+    return ", ".join(fixed) or "anchors, windows, bases and scales"
 
 
 def _user_text(args) -> str | None:

@@ -1,0 +1,421 @@
+"""Slow, explicit references for the compression methods (test code, not the library).
+
+Each reference runs the model on a plain ``DynamicCache`` (every key and value at full precision) through one
+custom attention function, registered with transformers' ``AttentionInterface``, that computes eager attention
+itself and lets a ``Reference`` object change what attention sees:
+
+- token selection / eviction (snapkv, pyramidkv, h2o-prefill, h2o, streaming-llm): a per-layer, per-KV-head
+  boolean mask over the full cache, decided by the reference from the attention probabilities it computes itself
+  (never from the library's selection code);
+- low rank (ojakv with eta_decode = 0, staticpca(-h), eigen, mla-latent): every non-anchor token's key and value
+  replaced by its projection U Uᵀ x (pre-RoPE keys: RoPE undone, projected, redone). The bases are inputs, taken
+  from the library's layers after the run (they are fixed when eta = 0);
+- quantization (kivi): the tokens the policy says are quantized are fake-quantized with a plain float
+  implementation of the asymmetric min/max rule.
+
+``run(model, reference, ids, mask, chunks, decode_ids)`` and ``run(model, cache, ...)`` drive the same calls
+(prefill in chunks, then single-token decode steps with given tokens) and return the logits of every real token.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from contextlib import contextmanager
+
+import torch
+from transformers import AttentionInterface, DynamicCache
+
+NAME = "ojakv_reference"
+_ACTIVE: list["Reference"] = []
+
+
+# --- driving ----------------------------------------------------------------------------------------------------
+
+
+def positions_for(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids as ``generate`` makes them from a left-padding mask (padding gets position 1)."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
+def run(model, cache_or_reference, ids, mask, chunks, decode_ids) -> list[torch.Tensor]:
+    """Logits [b, q, vocab] of every call: the prompt ``ids`` [b, n] in calls of ``chunks`` tokens (summing to n),
+    then one call per column of ``decode_ids`` [b, steps]. Padded query rows are zeroed (no output is defined
+    for them)."""
+    full_ids = torch.cat([ids, decode_ids], dim=1)
+    full_mask = torch.cat([mask, torch.ones_like(decode_ids)], dim=1)
+    positions = positions_for(full_mask)
+    calls = list(chunks) + [1] * decode_ids.shape[1]
+    reference = cache_or_reference if isinstance(cache_or_reference, Reference) else None
+    cache = DynamicCache(config=model.config) if reference is not None else cache_or_reference
+    outputs, end = [], 0
+    with _reference_model(model, reference) as runner, torch.no_grad():
+        for q in calls:
+            start, end = end, end + q
+            if reference is not None:
+                reference.begin_call(full_mask[:, :end].bool(), positions[:, :end], q)
+            logits = runner(input_ids=full_ids[:, start:end], attention_mask=full_mask[:, :end],
+                            position_ids=positions[:, start:end], past_key_values=cache, use_cache=True).logits
+            outputs.append(logits.float() * full_mask[:, start:end, None])
+    return outputs
+
+
+@contextmanager
+def _reference_model(model, reference):
+    if reference is None:
+        yield model
+        return
+    if NAME not in AttentionInterface._global_mapping:
+        AttentionInterface.register(NAME, reference_attention)
+    twin = copy.deepcopy(model)  # same weights, own attention implementation; the caller's model is untouched
+    twin.config._attn_implementation = NAME
+    for module in twin.modules():
+        if hasattr(module, "config") and module.config is not twin.config:
+            module.config._attn_implementation = NAME
+    reference.model = twin
+    _ACTIVE.append(reference)
+    try:
+        yield twin
+    finally:
+        _ACTIVE.pop()
+
+
+def reference_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Eager attention with the mask built here: causal, padding, and the reference's per-KV-head keep mask.
+
+    transformers builds no mask for an implementation missing from its mask interface, so ``attention_mask`` is
+    None and every visibility rule is explicit below."""
+    reference = _ACTIVE[-1]
+    layer = module.layer_idx
+    key, value = reference.transform(layer, key, value)
+    b, heads, q, d = query.shape
+    kv_heads, total = key.shape[1], key.shape[2]
+    group = heads // kv_heads
+    valid = reference.valid  # [b, total]
+    query_index = torch.arange(total - q, total)
+    causal = torch.arange(total)[None, :] <= query_index[:, None]  # [q, total]
+    visible = causal[None, None] & valid[:, None, None, :]
+    keep = reference.keep_mask(layer, total)  # [b, kv_heads, total] or None
+    if keep is not None:
+        visible = visible & keep.repeat_interleave(group, dim=1)[:, :, None, :]
+    scores = (query.float() @ key.float().repeat_interleave(group, dim=1).transpose(-1, -2)) * scaling
+    probs = torch.softmax(scores.masked_fill(~visible, -math.inf), dim=-1).nan_to_num(0.0)
+    probs = probs * valid[:, None, total - q :, None]  # padded query rows attend to nothing
+    reference.observe(layer, probs)
+    out = probs @ value.float().repeat_interleave(group, dim=1)
+    return out.to(query.dtype).transpose(1, 2).contiguous(), probs
+
+
+class Reference:
+    """What a method should do, stated over the full cache. Subclasses override the hooks they need."""
+
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+        self.calls = 0
+        self.valid = self.positions = None
+        self.q = 0
+        self.min_gap = math.inf  # smallest score margin of any selection decision (ties are ambiguous)
+
+    def begin_call(self, valid: torch.Tensor, positions: torch.Tensor, q: int) -> None:
+        self.valid, self.positions, self.q = valid, positions, q
+        self.calls += 1
+
+    @property
+    def first_call(self) -> bool:
+        return self.calls == 1
+
+    def transform(self, layer, keys, values):
+        return keys, values
+
+    def keep_mask(self, layer, total):
+        return None
+
+    def observe(self, layer, probs):
+        pass
+
+    def note_gap(self, ranked: torch.Tensor, cut: int) -> None:
+        """Record the margin between the last chosen and the first rejected score (ranked descending)."""
+        if 0 < cut < ranked.shape[-1]:
+            chosen, rejected = ranked[..., cut - 1], ranked[..., cut]
+            finite = torch.isfinite(chosen) & torch.isfinite(rejected)
+            if finite.any():
+                self.min_gap = min(self.min_gap, float((chosen - rejected)[finite].min()))
+
+
+# --- token selection ---------------------------------------------------------------------------------------------
+
+
+def group_mean(probs: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """[b, H, q, n] -> attention summed over queries, averaged over each KV head's query group: [b, kv, n]."""
+    b, heads, q, n = probs.shape
+    return probs.sum(2).view(b, kv_heads, heads // kv_heads, n).mean(2)
+
+
+def pooled(scores: torch.Tensor, kernel: int, how: str) -> torch.Tensor:
+    """Same-length pooling over tokens with a window of ``kernel`` centred on each token, truncated at the ends
+    (the mean is over the tokens inside the window)."""
+    n, half = scores.shape[-1], kernel // 2
+    out = torch.empty_like(scores)
+    for i in range(n):
+        window = scores[..., max(0, i - half) : min(n, i + half + 1)]
+        out[..., i] = window.max(-1).values if how == "max" else window.mean(-1)
+    return out
+
+
+class SelectionReference(Reference):
+    """Keeps, per layer, a boolean [b, kv_heads, tokens] of the tokens still held; new tokens are held."""
+
+    def __init__(self, num_layers: int, kv_heads: int):
+        super().__init__(num_layers)
+        self.kv_heads = kv_heads
+        self.held: dict[int, torch.Tensor] = {}
+
+    def keep_mask(self, layer, total):
+        if self.first_call:
+            return None  # the prompt attends to itself in full; selection happens after
+        held = self.held[layer]
+        new = torch.ones(*held.shape[:2], total - held.shape[2], dtype=torch.bool)
+        held = torch.cat([held, new], dim=-1)
+        self.held[layer] = self.evict(layer, held, total - self.q)
+        return self.held[layer]
+
+    def evict(self, layer, held, before_call: int):
+        """Decode-time eviction at the start of a call, over the tokens held before it (default: none)."""
+        return held
+
+    def observe(self, layer, probs):
+        if self.first_call:
+            self.held[layer] = self.select(layer, probs)
+
+    def select(self, layer, probs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def top_with_window(self, scores, capacity: int, window: int) -> torch.Tensor:
+        """Keep the last ``window`` prompt tokens and the ``capacity - window`` best-scoring earlier real tokens,
+        the same count for every sequence (at most the shortest sequence's real tokens); everything if the
+        prompt fits."""
+        b, h, n = scores.shape
+        if capacity >= n:
+            return torch.ones(b, h, n, dtype=torch.bool)
+        real = self.valid[:, :n]
+        keep_count = min(capacity, int(real.sum(-1).min()))
+        w = min(window, keep_count)
+        keep = torch.zeros(b, h, n, dtype=torch.bool)
+        keep[..., n - w :] = True
+        candidates = scores.masked_fill(~real[:, None, :], -math.inf)[..., : n - w]
+        ranked, order = candidates.sort(dim=-1, descending=True)
+        earlier = keep_count - w
+        self.note_gap(ranked, earlier)
+        keep.scatter_(-1, order[..., :earlier], True)
+        return keep
+
+
+class SnapKVReference(SelectionReference):
+    def __init__(self, num_layers, kv_heads, capacity, window=32, kernel=5, pooling="avg", beta=None):
+        super().__init__(num_layers, kv_heads)
+        self.capacity, self.window, self.kernel, self.pooling, self.beta = capacity, window, kernel, pooling, beta
+
+    def layer_capacity(self, layer: int, n: int) -> int:
+        return self.capacity
+
+    def select(self, layer, probs):
+        n = probs.shape[-1]
+        w = min(self.window, n)
+        votes = group_mean(probs[:, :, n - w :], self.kv_heads)
+        votes = pooled(votes, self.kernel, self.pooling)
+        return self.top_with_window(votes, self.layer_capacity(layer, n), self.window)
+
+
+class PyramidKVReference(SnapKVReference):
+    """Per-layer capacities: selected tokens fall linearly from 2(C-w) - (C-w)/beta at the bottom to (C-w)/beta
+    at the top (total num_layers × (C - w)); when the bottom exceeds the prompt's n - w it is capped there and the
+    top raised to keep the total; rounding leftovers go to the top layer."""
+
+    def layer_capacity(self, layer, n):
+        c, w, m = self.capacity, self.window, self.num_layers
+        per_layer, room = c - w, n - w
+        if m == 1 or per_layer <= 0 or per_layer >= room:
+            return c
+        top = per_layer / self.beta
+        bottom = 2 * per_layer - top
+        if bottom >= room:
+            bottom, top = room, 2 * per_layer - room
+        counts = [round(bottom + (top - bottom) * i / (m - 1)) for i in range(m)]
+        counts[-1] += per_layer * m - sum(counts)
+        return counts[layer] + w
+
+
+class H2OPrefillReference(SelectionReference):
+    def __init__(self, num_layers, kv_heads, capacity, recent=8):
+        super().__init__(num_layers, kv_heads)
+        self.capacity, self.recent = capacity, recent
+
+    def select(self, layer, probs):
+        return self.top_with_window(group_mean(probs, self.kv_heads), self.capacity, self.recent)
+
+
+class H2OReference(SelectionReference):
+    """Prefill: keep heavy + recent by attention received from every prompt query. Every call adds the attention
+    its queries paid (as the model computed it) to each token's score; at the start of a call, while more than
+    heavy + recent tokens are held, the lowest-scored held token outside the last ``recent`` held is dropped."""
+
+    def __init__(self, num_layers, kv_heads, heavy, recent):
+        super().__init__(num_layers, kv_heads)
+        self.heavy, self.recent = heavy, recent
+        self.scores: dict[int, torch.Tensor] = {}
+
+    def select(self, layer, probs):
+        return self.top_with_window(group_mean(probs, self.kv_heads), self.heavy + self.recent, self.recent)
+
+    def observe(self, layer, probs):
+        super().observe(layer, probs)
+        received = group_mean(probs, self.kv_heads)
+        previous = self.scores.get(layer)
+        if previous is not None:
+            received[..., : previous.shape[-1]] += previous
+        self.scores[layer] = received
+
+    def evict(self, layer, held, before_call):
+        limit = self.heavy + self.recent
+        scores = self.scores[layer]
+        for row in range(held.shape[0]):
+            for head in range(held.shape[1]):
+                tokens = held[row, head, :before_call].nonzero().flatten().tolist()
+                excess = len(tokens) - limit
+                if excess <= 0:
+                    continue
+                older = tokens[: len(tokens) - self.recent]
+                # padding received no attention: it goes first (ranked -inf so ties among it are not ambiguous)
+                score = {t: float(scores[row, head, t]) if self.valid[row, t] else -math.inf for t in older}
+                ranked = sorted(older, key=lambda t: -score[t])
+                values = torch.tensor([score[t] for t in ranked])
+                self.note_gap(values, len(older) - excess)
+                for token in ranked[len(older) - excess :]:
+                    held[row, head, token] = False
+        return held
+
+
+class StreamingLLMReference(SelectionReference):
+    """Keep the first ``n_sink`` real tokens of each sequence and the last ``window`` tokens; the window slides
+    at the start of every call."""
+
+    def __init__(self, num_layers, kv_heads, n_sink=4, window=1020):
+        super().__init__(num_layers, kv_heads)
+        self.n_sink, self.window = n_sink, window
+
+    def sinks(self, total: int) -> torch.Tensor:
+        real_rank = self.valid[:, :total].long().cumsum(-1)  # 1 for the first real token
+        return self.valid[:, :total] & (real_rank <= self.n_sink)
+
+    def select(self, layer, probs):
+        b, n = probs.shape[0], probs.shape[-1]
+        if self.n_sink + self.window >= n:
+            return torch.ones(b, self.kv_heads, n, dtype=torch.bool)
+        keep = self.sinks(n).clone()
+        keep[:, n - self.window :] = True
+        return keep[:, None, :].expand(b, self.kv_heads, n).clone()
+
+    def evict(self, layer, held, before_call):
+        keep = held.clone()
+        for row in range(held.shape[0]):
+            tokens = held[row, 0, :before_call].nonzero().flatten()
+            if len(tokens) <= self.n_sink + self.window:
+                continue
+            keep[row, :, :before_call] = False
+            keep[row, :, tokens[-self.window :]] = True
+            keep[row, :, :before_call] |= self.sinks(before_call)[row]
+        return keep
+
+
+# --- low rank --------------------------------------------------------------------------------------------------
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LowRankReference(Reference):
+    """Token i of T (after the call) is exact if i < sinks (n_sink + the first call's largest padding, at most the
+    prompt) or i >= T - n_recent; every other token's key and value become U Uᵀ x with the layer's bases
+    (keys before RoPE in pre_rope mode: rotated back to position 0, projected, rotated again)."""
+
+    def __init__(self, num_layers, bases, n_sink, n_recent, key_mode="pre_rope"):
+        super().__init__(num_layers)
+        self.bases = bases  # per layer: (U_k, U_v), each [b, kv_heads, d, r]
+        self.n_sink, self.n_recent, self.key_mode = n_sink, n_recent, key_mode
+        self.sink_count = None
+
+    def begin_call(self, valid, positions, q):
+        super().begin_call(valid, positions, q)
+        if self.first_call:
+            padding = int((~valid).sum(-1).max())
+            self.sink_count = min(q, self.n_sink + padding)
+
+    def transform(self, layer, keys, values):
+        total = keys.shape[2]
+        exact = torch.arange(total)
+        exact = (exact < self.sink_count) | (exact >= total - self.n_recent)
+        u_k, u_v = self.bases[layer]
+        keys, values = keys.float(), values.float()
+        if self.key_mode == "pre_rope":
+            cos, sin = self.model.model.rotary_emb(keys, self.positions)
+            cos, sin = cos[:, None].float(), sin[:, None].float()
+            plain = keys * cos - _rotate_half(keys) * sin  # rotation by -angle (cos² + sin² = 1 for plain RoPE)
+            projected = plain @ u_k @ u_k.transpose(-1, -2)
+            projected = projected * cos + _rotate_half(projected) * sin
+        else:
+            projected = keys @ u_k @ u_k.transpose(-1, -2)
+        projected_v = values @ u_v @ u_v.transpose(-1, -2)
+        mask = exact[None, None, :, None]
+        return torch.where(mask, keys, projected), torch.where(mask, values, projected_v)
+
+
+# --- quantization ----------------------------------------------------------------------------------------------
+
+
+BOUNDARY = 1e-6  # library and reference keys differ by ~1e-7 (SDPA vs explicit attention upstream, float32)
+
+
+def fake_quantize(x: torch.Tensor, bits: int, reference: "Reference | None" = None) -> torch.Tensor:
+    """Asymmetric min/max quantization of each row of ``x`` [..., group] and back: scale = (max - min)/(2^b - 1)
+    (at least 1e-8), scale and minimum stored as float16, codes rounded and clipped to [0, 2^b - 1]."""
+    low = x.min(-1, keepdim=True).values
+    high = x.max(-1, keepdim=True).values
+    levels = 2**bits - 1
+    scale = ((high - low) / levels).clamp(min=1e-8).half().float()
+    low = low.half().float()
+    # a float16 scale can be 0 (a constant group, or a range under float16's resolution): then every code is 0
+    exact = (x - low) / scale
+    codes = torch.where(scale > 0, torch.clamp(torch.round(exact), 0, levels), 0.0)
+    if reference is not None:  # a value this close to a rounding boundary may round either way in the library
+        margin = ((exact - exact.floor() - 0.5).abs() * scale)[(scale > 0).expand_as(x) & (exact < levels)]
+        if margin.numel() and float(margin.min()) < BOUNDARY:
+            reference.min_gap = 0.0
+    return codes * scale + low
+
+
+class KIVIReference(Reference):
+    """With T tokens after the call: keys 0 .. ⌊T/residual⌋·residual − 1 quantized per channel over groups of
+    ``group`` consecutive tokens; values 0 .. max(0, ⌊(T − residual)/group⌋·group) − 1 quantized per token over
+    groups of ``group`` channels; padding zeroed first; the rest exact."""
+
+    def __init__(self, num_layers, bits=2, group=32, residual=128):
+        super().__init__(num_layers)
+        self.bits, self.group, self.residual = bits, group, residual
+
+    def transform(self, layer, keys, values):
+        total, g = keys.shape[2], self.group
+        real = self.valid[:, None, :, None]
+        keys, values = keys.float() * real, values.float() * real
+        keys, values = keys.clone(), values.clone()
+        quantized_keys = total // self.residual * self.residual
+        for start in range(0, quantized_keys, g):
+            block = keys[:, :, start : start + g].transpose(-1, -2)  # [b, h, d, g]: one row per channel
+            keys[:, :, start : start + g] = fake_quantize(block, self.bits, self).transpose(-1, -2)
+        quantized_values = max(0, (total - self.residual) // g * g)
+        for token in range(quantized_values):
+            for channel in range(0, values.shape[-1], g):
+                row = values[:, :, token, channel : channel + g]
+                values[:, :, token, channel : channel + g] = fake_quantize(row, self.bits, self)
+        return keys, values
