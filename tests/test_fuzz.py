@@ -141,25 +141,6 @@ def test_every_method_has_a_reference_or_a_reason():
         pytest.skip(f"no slow reference in tests/reference.py for: {', '.join(missing)}")
 
 
-def known_bug(method, knobs, mask, chunks) -> str | None:
-    """Inputs that hit a bug found by this file and not fixed yet (each has a strict xfail test below); the fuzz
-    skips them so it keeps looking for new ones. Delete an entry once its fix lands (its xfail test then fails)."""
-    first = chunks[0]
-    padded = bool((mask[:, :first] == 0).any())
-    if method == "h2o" and len(chunks) > 1:
-        return "current_attention ignores causality inside a multi-token call"
-    if method == "h2o" and padded and knobs["heavy"] + knobs["recent"] >= first:
-        return "padding held (prompt fits) is scored and survives eviction"
-    if method == "streaming-llm":
-        n_sink, window = knobs["n_sink"], knobs["window"]
-        if padded and n_sink + window >= first:
-            return "padding held (prompt fits) is kept as the sinks at eviction"
-        first_real = (mask[:, :first] == 0).sum(-1)
-        if n_sink + window < first and bool((first_real + n_sink > first - window).any()):
-            return "a short sequence's sinks overlap the window and are held twice"
-    return None
-
-
 def compare(model, method, knobs, ids, mask, chunks, decode):
     cache = ojakv.make_cache(model, method, **knobs)
     library = ref.run(model, cache, ids, mask, chunks, decode)
@@ -179,11 +160,10 @@ def compare(model, method, knobs, ids, mask, chunks, decode):
 def test_method_matches_its_reference(model, method, data):
     ids, mask, chunks, decode = data.draw(scenarios(), label="inputs")
     knobs = data.draw(REFERENCES[method][0](ids.shape[1]), label="knobs")
-    assume(known_bug(method, knobs, mask, chunks) is None)
     assume(compare(model, method, knobs, ids, mask, chunks, decode))
 
 
-# --- bugs found by the differential tests (strict xfail: each passes, and so fails here, once fixed) -----------
+# --- regressions: inputs on which the differential tests found bugs (all fixed) ----------------------------
 
 
 def _inputs(rows, chunks, decode):
@@ -193,24 +173,20 @@ def _inputs(rows, chunks, decode):
     return ids, mask, chunks, torch.tensor(decode)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="selection.current_attention: a call's queries score tokens after them")
 def test_h2o_scores_a_multi_token_call_causally(model):
     assert compare(model, "h2o", dict(heavy=2, recent=1), *_inputs([[47, 117, 61, 13]], [1, 3], [[91]]))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="h2o: held padding is scored (unmasked) and outlives real tokens; fails with causality fixed too")
 def test_h2o_evicts_padding_first(model):
     assert compare(model, "h2o", dict(heavy=1, recent=1),
             *_inputs([[117, 61, 13, 91], [7, 55, 6, 125, 61]], [1, 4], [[104], [119]]))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="streaming-llm: held[:n_sink] are padding when the padded prompt fitted")
 def test_streaming_llm_keeps_the_real_sinks_of_a_padded_prompt(model):
     assert compare(model, "streaming-llm", dict(n_sink=1, window=4),
             *_inputs([[117, 61, 13, 91], [7, 55, 6, 125, 61]], [5], [[104, 119], [9, 27]]))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="streaming-llm: a short row's sinks overlap the window and are held twice")
 def test_streaming_llm_holds_each_token_once(model):
     gen = torch.Generator().manual_seed(3)
     rows = [torch.randint(3, 128, (length,), generator=gen).tolist() for length in (30, 12)]

@@ -74,7 +74,7 @@ class SharedState:
         module."""
         probe = torch.empty(0, dtype=torch.float32, device=positions.device)
         cos, sin = self.rotary(probe, positions.reshape(positions.shape[0], -1).long())
-        return cos.view(*positions.shape, -1), sin.view(*positions.shape, -1)
+        return cos.view(*positions.shape, cos.shape[-1]), sin.view(*positions.shape, sin.shape[-1])
 
     def end_forward(self) -> None:
         self._step_memo = {}

@@ -49,8 +49,9 @@ def quantize(x: torch.Tensor, bits: int, dim: int, group: int) -> Quantized:
     low = grouped.amin(-1, keepdim=True)
     high = grouped.amax(-1, keepdim=True)
     levels = 2**bits - 1
-    scale = ((high - low) / levels).clamp_min(1e-8)
-    scale16, low16 = scale.half(), low.half()
+    # Clamp after the float16 cast: a smaller scale would round to 0 there and make the codes 0/0.
+    scale16 = ((high - low) / levels).half().clamp_min(torch.finfo(torch.float16).tiny)
+    low16 = low.half()
     # Round with the float16 scale and minimum that dequantization will use, so no error hides in the cast.
     codes = ((grouped - low16.float()) / scale16.float()).round().clamp(0, levels).to(torch.uint8)
     return Quantized(_pack(codes, bits), scale16, low16, bits, dim, group, tuple(x.shape))

@@ -50,7 +50,9 @@ class H2OLayer(SelectionLayer):
         keys = self.keys_buf.view
         new = keys.shape[2] - self.scores.shape[2]
         self.scores = torch.cat([self.scores, self.scores.new_zeros(*self.scores.shape[:2], new)], dim=2)
-        self.scores += current_attention(keys, attention)
+        step = self.shared.step
+        hidden = self.padding_columns()
+        self.scores += current_attention(keys, attention, hidden, step.valid)
 
     def eviction_limit(self) -> int:
         return self.config.heavy + self.config.recent
@@ -63,7 +65,8 @@ class H2OLayer(SelectionLayer):
         if excess <= 0:
             return
         older = kept - self.config.recent
-        survivors = self.scores[..., :older].topk(older - excess, dim=-1).indices.sort(dim=-1).values
+        priority = self.eviction_order(self.scores)  # held padding goes first
+        survivors = priority[..., :older].topk(older - excess, dim=-1).indices.sort(dim=-1).values
         tail = torch.arange(older, kept, device=survivors.device).expand(*survivors.shape[:2], -1)
         keep = torch.cat([survivors, tail], dim=-1)
         self.scores = self.scores.gather(2, keep)

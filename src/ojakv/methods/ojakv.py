@@ -86,10 +86,6 @@ class OjaKVConfig:
         _check_choice("attention", self.attention, ATTENTION_PATHS)
         if self.coef_bits not in (0, *SUPPORTED_BITS):
             raise OjaKVError(f"coef_bits must be 0 (no quantization) or one of {SUPPORTED_BITS}, got {self.coef_bits}")
-
-    def coefficient_bytes(self, rank: int, dtype_bytes: int) -> float:
-        """Bytes one token's key (or value) coefficients take in the body."""
-        return rank * dtype_bytes if not self.coef_bits else QuantizedRows.bytes_per_row(rank, self.coef_bits)
         for name in ("n_sink", "n_recent", "n_residual"):
             if getattr(self, name) < 0:
                 raise OjaKVError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -103,6 +99,10 @@ class OjaKVConfig:
         for name in ("eta_prefill", "eta_decode"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise OjaKVError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+
+    def coefficient_bytes(self, rank: int, dtype_bytes: int) -> float:
+        """Bytes one token's key (or value) coefficients take in the body."""
+        return rank * dtype_bytes if not self.coef_bits else QuantizedRows.bytes_per_row(rank, self.coef_bits)
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -12,6 +12,7 @@ import torch
 
 from ..cache import AttentionInputs, CacheLayer, SharedState, StepInputs, growable_segments
 from ..errors import OjaKVError
+from ..memory import nbytes
 from ..models import compute_queries
 from ..storage import GrowableTensor
 
@@ -22,6 +23,10 @@ class SelectionLayer(CacheLayer):
     def __init__(self, layer_idx: int, shared: SharedState):
         super().__init__(layer_idx, shared)
         self.keys_buf, self.values_buf = GrowableTensor(), GrowableTensor()
+        # Left padding held, per sequence and head ([b, h] int): the first held columns when a padded prompt
+        # fitted whole. Evictions drop it first and scores never count it; what stays keeps mapping onto the
+        # mask's last columns because held tokens stay in order.
+        self.held_padding: torch.Tensor | None = None
 
     def returned_length(self) -> int:
         """Tokens the next call returns besides its new ones: what is held once ``before_append`` has evicted
@@ -44,6 +49,8 @@ class SelectionLayer(CacheLayer):
             rows = keep.unsqueeze(-1).expand(-1, -1, -1, key_states.shape[-1])
             self.keys_buf.append(self.stored_keys(key_states, attention).gather(2, rows))
             self.values_buf.append(value_states.gather(2, rows))
+            padding = (~step.valid).sum(-1)[:, None, None]  # [b, 1, 1]: padding columns lead each row
+            self.held_padding = (keep < padding).sum(-1)
             self.seen += q
             return key_states, value_states  # the prompt itself is attended to in full
         # Evict before appending, never after: the mask for this call was built for kept + q tokens, so the
@@ -51,6 +58,7 @@ class SelectionLayer(CacheLayer):
         self.before_append()
         self.keys_buf.append(self.stored_keys(key_states, attention))
         self.values_buf.append(value_states)
+        self.held_padding = self.held_padding + (~step.valid).sum(-1)[:, None]  # left padding spanning calls
         self.seen += q
         self.after_append(attention)
         return self.returned_keys(self.keys_buf.view, step), self.values_buf.view
@@ -73,8 +81,20 @@ class SelectionLayer(CacheLayer):
     def after_append(self, attention: AttentionInputs | None) -> None:
         """Decode-time scoring of what is held now, new tokens included (default: none)."""
 
+    def padding_columns(self) -> torch.Tensor:
+        """[b, h, held] True where a held column is padding."""
+        columns = torch.arange(self.keys_buf.length, device=self.held_padding.device)
+        return columns < self.held_padding.unsqueeze(-1)
+
+    def eviction_order(self, priority: torch.Tensor) -> torch.Tensor:
+        """``priority`` [b, h, held] with padding put last (later padding before earlier, so that what a short
+        sequence must keep of it lines up with the mask); then ``_retain`` keeps the top ones."""
+        columns = torch.arange(priority.shape[-1], device=priority.device, dtype=torch.float32)
+        return torch.where(self.padding_columns(), columns - 1e9, priority.float())
+
     def _retain(self, keep: torch.Tensor) -> None:
-        """Keep only the tokens at indices ``keep`` [b, h, k] of the held buffers."""
+        """Keep only the tokens at indices ``keep`` [b, h, k] (ascending) of the held buffers."""
+        self.held_padding = (keep < self.held_padding.unsqueeze(-1)).sum(-1)
         rows = keep.unsqueeze(-1).expand(-1, -1, -1, self.keys_buf.view.shape[-1])
         for buffer in (self.keys_buf, self.values_buf):
             retained = buffer.view.gather(2, rows)
@@ -82,7 +102,8 @@ class SelectionLayer(CacheLayer):
             buffer.append(retained)
 
     def segments(self) -> dict[str, int]:
-        return growable_segments(kept_tokens=(self.keys_buf, self.values_buf))
+        return {**growable_segments(kept_tokens=(self.keys_buf, self.values_buf)),
+                "padding_count": nbytes(self.held_padding)}
 
 
 def attention_votes(keys: torch.Tensor, attention: AttentionInputs | None, step: StepInputs, n_queries: int,
@@ -114,10 +135,12 @@ def attention_votes(keys: torch.Tensor, attention: AttentionInputs | None, step:
     return votes
 
 
-def current_attention(keys: torch.Tensor, attention: AttentionInputs | None) -> torch.Tensor:
-    """Attention of this step's queries over ``keys`` (the tokens held, new ones included), summed over the
-    step's queries and averaged over each KV head's group: [b, h, n]. Causality within the step is ignored
-    (a decode step has one query)."""
+def current_attention(keys: torch.Tensor, attention: AttentionInputs | None, hidden: torch.Tensor,
+                      valid: torch.Tensor) -> torch.Tensor:
+    """Attention of this step's queries over ``keys`` (the tokens held, this call's last), summed over the
+    real queries and averaged over each KV head's group: [b, h, n]. ``hidden`` [b, h, n] marks held padding,
+    which receives nothing; ``valid`` [b, q] the call's real tokens; the call's queries are causal among
+    themselves."""
     if attention is None:
         raise OjaKVError("token selection needs the model's queries: build the cache with ojakv.make_cache(model, ...)")
     b, h, n, d = keys.shape
@@ -125,7 +148,10 @@ def current_attention(keys: torch.Tensor, attention: AttentionInputs | None) -> 
     groups, q = queries.shape[1] // h, queries.shape[2]
     logits = queries.view(b, h, groups, q, d) @ keys.float().unsqueeze(2).transpose(-1, -2)
     logits = _capped(logits * _scaling(attention.module, d), attention.module)
-    return torch.softmax(logits, dim=-1).sum(3).mean(2)
+    later = torch.arange(n, device=keys.device)[None, :] > torch.arange(n - q, n, device=keys.device)[:, None]
+    blocked = later | ~torch.cat([~hidden[..., : n - q], valid[:, None, :].expand(-1, h, -1)], -1)[:, :, None]
+    probs = torch.softmax(logits.masked_fill(blocked[:, :, None], float("-inf")), dim=-1).nan_to_num(0.0)
+    return probs.mul(valid[:, None, None, :, None]).sum(3).mean(2)
 
 
 def _scaling(module: torch.nn.Module, head_dim: int) -> float:

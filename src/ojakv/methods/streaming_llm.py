@@ -42,11 +42,18 @@ class StreamingLLMLayer(SelectionLayer):
         b, h, n, _ = keys.shape
         if self.config.n_sink + self.config.window >= n:
             return torch.arange(n, device=keys.device).expand(b, h, n)
-        first_real = (~step.valid).sum(-1)  # left padding: real tokens start here, per sequence
-        sinks = first_real[:, None] + torch.arange(self.config.n_sink, device=keys.device)
-        recent = torch.arange(n - self.config.window, n, device=keys.device).expand(b, -1)
-        keep = torch.cat([sinks, recent], dim=-1).clamp(max=n - 1)
-        return keep[:, None, :].expand(b, h, -1)
+        return self._sinks_and_window(n, (~step.valid).sum(-1))[:, None, :].expand(b, h, -1)
+
+    def _sinks_and_window(self, n: int, padding: torch.Tensor) -> torch.Tensor:
+        """Indices [b, n_sink + window] (ascending) of each sequence's first ``n_sink`` real tokens and last
+        ``window`` tokens, each once; a sequence with fewer real tokens fills up with its latest padding, which
+        lines up with the mask's padding columns."""
+        columns = torch.arange(n, device=padding.device)
+        real_index = columns - padding[:, None]
+        wanted = ((real_index >= 0) & (real_index < self.config.n_sink)) | (columns >= n - self.config.window)
+        priority = torch.where(real_index < 0, columns - 1e9, wanted.float())
+        limit = self.config.n_sink + self.config.window
+        return priority.topk(limit, dim=-1).indices.sort(dim=-1).values
 
     def stored_keys(self, keys, attention):
         if not self.config.rerotate:
@@ -71,8 +78,7 @@ class StreamingLLMLayer(SelectionLayer):
         if kept <= limit:
             return
         b, h = self.keys_buf.view.shape[:2]
-        positions = torch.cat([torch.arange(self.config.n_sink), torch.arange(kept - self.config.window, kept)])
-        self._retain(positions.to(self.keys_buf.view.device).expand(b, h, -1))
+        self._retain(self._sinks_and_window(kept, self.held_padding[:, 0])[:, None, :].expand(b, h, -1))
 
 
 def _build(model, config: StreamingLLMConfig):
