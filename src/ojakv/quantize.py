@@ -50,7 +50,7 @@ def quantize(x: torch.Tensor, bits: int, dim: int, group: int) -> Quantized:
     high = grouped.amax(-1, keepdim=True)
     levels = 2**bits - 1
     # Clamp after the float16 cast: a smaller scale would round to 0 there and make the codes 0/0.
-    scale16 = ((high - low) / levels).half().clamp_min(torch.finfo(torch.float16).tiny)
+    scale16 = ((high - low) / levels).half().clamp_min(2.0**-24)  # float16's smallest subnormal
     low16 = low.half()
     # Round with the float16 scale and minimum that dequantization will use, so no error hides in the cast.
     codes = ((grouped - low16.float()) / scale16.float()).round().clamp(0, levels).to(torch.uint8)
