@@ -65,7 +65,10 @@ def test_quantized_rows_round_trip_within_half_a_step(width, tokens, bits, scale
     padded = torch.nn.functional.pad(stored, (0, QuantizedRows.padded(width) - width))
     groups = padded.unflatten(-1, (-1, QuantizedRows.GROUP))
     step = (groups.amax(-1, keepdim=True) - groups.amin(-1, keepdim=True)) / (2**bits - 1)
-    # half a step, plus float16 rounding of the scale and minimum
-    bound = (step / 2 + 2e-3 * groups.abs().amax(-1, keepdim=True)).expand_as(groups).flatten(-2)[..., :width]
+    # half a step, plus float16 rounding of the scale and minimum (relative 2^-11, or 2^-25 absolute once the
+    # scale is subnormal, times the largest code)
+    subnormal = (2**bits - 1) * 2.0**-25
+    bound = (step / 2 + 2e-3 * groups.abs().amax(-1, keepdim=True) + subnormal).expand_as(groups).flatten(-2)
+    bound = bound[..., :width]
     assert ((rows.view - stored).abs() <= bound).all()
     assert rows.used_bytes == 2 * 3 * sum(tokens) * QuantizedRows.bytes_per_row(width, bits)
