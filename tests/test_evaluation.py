@@ -53,8 +53,12 @@ def test_method_specs_parse_typed_knobs_and_refuse_bad_ones():
     assert spec.name == "ojakv" and dict(spec.knobs) == {"key_mode": "post_rope", "rank": 16}
     with pytest.raises(OjaKVError, match="has no knob"):
         MethodSpec.parse("full:rank=3")
-    with pytest.raises(OjaKVError, match="needs a number"):
+    with pytest.raises(OjaKVError, match="knob rank needs a whole number, got 'many'"):
         MethodSpec.parse("ojakv:rank=many")
+    with pytest.raises(OjaKVError, match="knob kernel needs a whole number, got '4.5'"):
+        MethodSpec.parse("snapkv:kernel=4.5")
+    with pytest.raises(OjaKVError, match="knob rank_ratio needs a number, got 'half'"):
+        MethodSpec.parse("ojakv:rank_ratio=half")
     with pytest.raises(OjaKVError, match="unknown method"):
         MethodSpec.parse("zip")
 

@@ -80,6 +80,12 @@ def test_make_cache_refuses_what_is_not_a_model(model):
         ojakv.make_cache(model, "ojakv")
 
 
+@pytest.mark.parametrize("name", [123, None, ["smollm2-135m"]])
+def test_load_model_refuses_what_is_not_a_name(name):
+    with pytest.raises(OjaKVError, match="load_model takes a model name, folder or hub id"):
+        ojakv.load_model(name)
+
+
 def test_unsupported_family_is_named():
     from transformers import AutoModelForCausalLM, GPT2Config
 

@@ -462,6 +462,9 @@ def load_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise OjaKVError(f"load_model takes a model name, folder or hub id (a string or a path), "
+                         f"got {type(name_or_path).__name__}: e.g. load_model('smollm2-135m')")
     source = _resolve(name_or_path, progress)
     try:
         with _hf_progress(progress):

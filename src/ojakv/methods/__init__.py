@@ -97,7 +97,8 @@ def parse_value(config_class: type, name: str, text: str):
         if "int" in annotation:
             return int(text)
     except ValueError:
-        raise OjaKVError(f"knob {name} needs a number, got {text!r}") from None
+        kind = "a number" if "float" in annotation else "a whole number"
+        raise OjaKVError(f"knob {name} needs {kind}, got {text!r}") from None
     return text
 
 
