@@ -71,6 +71,21 @@ def test_same_inputs_give_identical_outputs(tiny, method):
     assert torch.equal(first, second)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["ojakv", "ojakv:post_rope", "snapkv", "kivi"])
+def test_cpu_and_cuda_agree(tiny, method):
+    import copy
+
+    name, _, key_mode = method.partition(":")
+    knobs = dict(capacity=40, window=8) if name == "snapkv" else dict(group=16, residual=16) if name == "kivi" \
+        else dict(SMALL, update_interval=4, **({"key_mode": key_mode} if key_mode else {}))
+    ids, mask = padded_batch(tiny.config.vocab_size, (90, 70), seed=3)
+    on_cpu = greedy_scores(tiny, ids, mask, ojakv.make_cache(tiny, name, **knobs), steps=10)
+    gpu_model = copy.deepcopy(tiny).cuda()
+    on_gpu = greedy_scores(gpu_model, ids.cuda(), mask.cuda(), ojakv.make_cache(gpu_model, name, **knobs), steps=10)
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=1e-3, rtol=1e-3)
+
+
 # --- bad inputs at the public entry points: one OjaKVError naming the fix, never a raw TypeError ------------------
 
 
