@@ -127,3 +127,21 @@ def test_an_unreachable_budget_is_reported_and_the_sweep_goes_on(model, tokenize
     by_method = {r["method"]: r for r in rows}
     assert by_method["pod"]["n"] == 0 and "budget" in by_method["pod"]["note"]
     assert by_method["ojakv:init=prompt"]["n"] == 1
+
+
+# Knobs that spare a tiny model the offline calibration / grouping files (made from a real model's essays).
+NO_FILES = {"staticpca": "init=prompt", "staticpca-h": "init=prompt", "eigen": "init=prompt,key_basis=keys",
+            "pod": "delta=0.0"}
+
+
+@pytest.mark.parametrize("method", sorted(set(__import__("ojakv").methods()) - {"full"}))
+def test_every_method_runs_in_a_budgeted_sweep_and_in_the_bench(model, tokenizer, tmp_path, method):
+    from ojakv.evaluation.bench import run_bench
+
+    spec = MethodSpec.parse(f"{method}:{NO_FILES[method]}" if method in NO_FILES else method)
+    run_sweep(model, tokenizer, [spec], tasks=["passkey"], lengths=[512], samples=1, budgets=[0.6],
+              placements=["after"], out_dir=tmp_path, max_new_tokens=2, progress=False)
+    (record,) = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert "unreachable" in record or record["held_ratio"] > 0
+    (bench,) = run_bench(model, tokenizer, [spec], [512], repeats=1, decode_tokens=2, progress=False)
+    assert bench["method"] == spec.label and bench["held_bytes"] > 0 and bench["decode_ms_per_token"] > 0
