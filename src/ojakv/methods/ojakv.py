@@ -161,15 +161,19 @@ class OjaKVLayer(CacheLayer):
         self.seen += q
         return out
 
-    def _key_features(self, keys: torch.Tensor, positions: torch.Tensor, attention=None) -> torch.Tensor:
-        """Keys in the space the key basis lives in (float32): pre-RoPE (RoPE undone) or as cached."""
+    def _key_features(self, keys: torch.Tensor, angles) -> torch.Tensor:
+        """Keys in the space the key basis lives in (float32): pre-RoPE (RoPE undone with ``angles()``, called only
+        then) or as cached."""
         if self.config.key_mode == "post_rope":
             return keys.float()
-        if attention is not None and attention.cos.shape[1] == keys.shape[2]:
-            cos, sin = attention.cos, attention.sin
-        else:
-            cos, sin = self.shared.rope_angles(positions)
+        cos, sin = angles()
         return undo_rope(keys.float(), cos.float(), sin.float())
+
+    def _new_token_angles(self, keys: torch.Tensor, step: StepInputs, attention: AttentionInputs | None):
+        """A callable giving cos/sin of this call's tokens: the ones the attention layer used, when it passed them."""
+        if attention is not None and attention.cos.shape[1] == keys.shape[2]:
+            return lambda: (attention.cos, attention.sin)
+        return lambda: self.shared.rope_angles(step.positions)
 
     def _prefill(self, keys, values, step: StepInputs, attention: AttentionInputs | None):
         n = keys.shape[2]
@@ -178,7 +182,7 @@ class OjaKVLayer(CacheLayer):
         window = min(n - sink, self.config.n_recent)
         body = n - sink - window
         self.sink_target = sink
-        features_k = self._key_features(keys, step.positions, attention)
+        features_k = self._key_features(keys, self._new_token_angles(keys, step, attention))
         features_v = values.float()
         weight = step.valid.clone()
         weight[:, :sink] = False  # sinks and padding carry outlier activations: keep them out of the bases
@@ -216,7 +220,7 @@ class OjaKVLayer(CacheLayer):
 
     def _append(self, keys, values, step: StepInputs, attention: AttentionInputs | None) -> None:
         """New tokens (decode, or a later prefill chunk): statistics, sink top-up, window, overflow into body."""
-        features_k = self._key_features(keys, step.positions, attention)
+        features_k = self._key_features(keys, self._new_token_angles(keys, step, attention))
         weight = step.valid.unsqueeze(1).unsqueeze(-1).float()
         self.stat_k += (features_k * weight).transpose(-1, -2) @ (features_k @ self.u_k)
         features_v = values.float() * weight
@@ -239,8 +243,8 @@ class OjaKVLayer(CacheLayer):
     def _move_to_body(self, count: int, attention: AttentionInputs | None) -> None:
         keys, values = self.k_win[:, :, :count], self.v_win[:, :, :count]
         start = self.k_sink.shape[2] + self.k_coef.length
-        positions = self._positions(start, count)
-        features_k = self._key_features(keys, positions)
+        # The same span leaves every layer's window this step, so its angles are shared (see _body_angles).
+        features_k = self._key_features(keys, lambda: self._body_angles(start, count))
         body_start = self.k_coef.length
         self.k_coef.append((features_k @ self.u_k).to(self.dtype))
         self.v_coef.append((values.float() @ self.u_v).to(self.dtype))
