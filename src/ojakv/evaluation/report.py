@@ -76,18 +76,26 @@ def _plot(rows: list[dict], out_dir: Path) -> None:
     except ImportError:  # plots are optional; the CSV and markdown always exist
         return
     panels = sorted({(r["task"], r["placement"], r["length"]) for r in rows})
+    markers = "os^vDP*Xph<>"
     for task, placement, length in panels:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
         subset = [r for r in rows if (r["task"], r["placement"], r["length"]) == (task, placement, length)
                   and r["n"]]  # an unreachable budget has no point
-        for method in sorted({r["method"] for r in subset}):
+        methods = sorted({r["method"] for r in subset})
+        # Many methods: 20 colours times distinct markers, the legend beside the axes so it hides no point.
+        fig, ax = plt.subplots(figsize=(5 + (2 if len(methods) > 6 else 0), 3.5))
+        colours = plt.get_cmap("tab20" if len(methods) > 10 else "tab10").colors
+        for i, method in enumerate(methods):
             points = sorted((r["held_ratio"], r["accuracy"]) for r in subset if r["method"] == method)
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker=markers[i % len(markers)],
+                    color=colours[i % len(colours)], alpha=0.85, label=method)
         ax.set_xlabel("held bytes / full-cache bytes")
         ax.set_ylabel("perplexity" if task == "ppl" else "accuracy")
         ax.set_title(f"{task}, {length} tokens, question {placement}", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if len(methods) > 6:
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+        else:
+            ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out_dir / f"{task}_{length}_{placement}.png", dpi=110)
         plt.close(fig)
