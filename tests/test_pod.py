@@ -165,6 +165,10 @@ def test_a_file_for_another_model_or_format_is_refused(deep, tmp_path):
         load_similarity(deep, stale)
     with pytest.raises(OjaKVError, match="does not exist"):
         load_similarity(deep, tmp_path / "missing.safetensors")
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(OjaKVError, match="is not a readable pod grouping file"):
+        load_similarity(deep, cut)
     with pytest.raises(OjaKVError, match="make_similarity"):
         ojakv.make_cache(other, "pod")  # no file yet and no tokenizer to make one
 

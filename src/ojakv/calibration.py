@@ -19,19 +19,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .artefact import ArtefactKind
 from .atomic import atomic_path
 from .cache import CacheLayer, CompressedCache, SharedState
 from .errors import OjaKVError
 from .models import attention_modules, compute_queries, fingerprint, geometry, kv_projection_weights
-from .paths import cache_dir
 from .rope import undo_rope
 from .subspace import covariance, eigh_descending
 
 FORMAT_VERSION = "2"
+ARTEFACT = ArtefactKind("calibration", FORMAT_VERSION, folder="calibration", made="calibrated",
+                        remake="run `ojakv calibrate`")
 KINDS = ("k_pre", "k_post", "v", "qk_pre")  # qk_pre: each KV head's keys with its group's queries (Eigen-style)
 SKIP_FIRST = 32  # leading tokens of each chunk (attention sinks, huge norms) stay out of the statistics
 
@@ -49,7 +50,7 @@ class Calibration:
 
 
 def default_path(model) -> Path:
-    return cache_dir() / "calibration" / f"{fingerprint(model)}.safetensors"
+    return ARTEFACT.default_path(model)
 
 
 class _CollectorLayer(CacheLayer):
@@ -165,50 +166,17 @@ def weight_spectra(model) -> Calibration:
 
 def load_calibration(model, path: str | os.PathLike | None = None) -> Calibration:
     """Load and check the calibration for ``model``; without a path, the cached one (made on first use)."""
-    target = Path(path) if path is not None else default_path(model)
-    if path is None and target.exists() and _format_of(target) != FORMAT_VERSION:
-        target.unlink()  # an older format of our own cached file: make it again below
-    if not target.exists():
-        if path is not None:
-            raise OjaKVError(f"calibration file {target} does not exist: run `ojakv calibrate --out {target}`")
-        tokenizer = getattr(model, "ojakv_tokenizer", None)
-        if tokenizer is None:
-            raise OjaKVError(
-                "no calibration for this model yet: run `ojakv calibrate --model ...`, call "
-                "ojakv.calibrate(model, tokenizer), or use init='prompt'"
-            )
-        calibrate(model, tokenizer, path=target)
-    return _read(model, target)
-
-
-def _format_of(target: Path) -> str | None:
-    try:
-        with safe_open(str(target), framework="pt") as f:
-            return (f.metadata() or {}).get("format")
-    except Exception:  # unreadable: _read reports it
-        return None
-
-
-def _read(model, target: Path) -> Calibration:
-    try:
-        with safe_open(str(target), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except Exception as exc:  # safetensors raises several types for a file that is not what it claims
-        raise OjaKVError(f"{target} is not a readable calibration file ({exc}): delete it and run `ojakv calibrate`")
-    if metadata.get("format") != FORMAT_VERSION:
-        raise OjaKVError(f"{target} has calibration format {metadata.get('format')!r}, expected {FORMAT_VERSION}: "
-                         "run `ojakv calibrate` again")
-    expected = fingerprint(model)
-    if metadata.get("fingerprint") != expected:
-        raise OjaKVError(
-            f"{target} was calibrated for model {metadata.get('fingerprint')}, not this one ({expected}): "
-            "run `ojakv calibrate --model ...` for this model"
-        )
+    tensors, metadata = ARTEFACT.load(
+        model, path, lambda model, tokenizer, target: calibrate(model, tokenizer, path=target),
+        missing="run `ojakv calibrate --out {target}`",
+        no_tokenizer="no calibration for this model yet: run `ojakv calibrate --model ...`, call "
+                     "ojakv.calibrate(model, tokenizer), or use init='prompt'",
+    )
     g = geometry(model)
     missing = [f"{k}.{part}" for k in KINDS for part in ("eigvals", "eigvecs") if f"{k}.{part}" not in tensors]
     if missing or tuple(tensors["v.eigvecs"].shape) != (g.num_layers, g.num_kv_heads, g.head_dim, g.head_dim):
-        raise OjaKVError(f"{target} does not match this model's shape: run `ojakv calibrate` again")
+        raise OjaKVError(f"{path or default_path(model)} does not match this model's shape: run `ojakv calibrate` "
+                         "again")
     return Calibration(
         eigvals={k: tensors[f"{k}.eigvals"] for k in KINDS},
         eigvecs={k: tensors[f"{k}.eigvecs"] for k in KINDS},

@@ -36,20 +36,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ..artefact import ArtefactKind
 from ..atomic import atomic_path
 from ..cache import CacheLayer, SharedState, growable_segments
 from ..errors import OjaKVError
 from ..memory import nbytes
 from ..models import compute_queries, fingerprint, geometry
-from ..paths import cache_dir
 from ..storage import GrowableTensor
 from . import Method, knob, register
 
 FORMAT_VERSION = "1"
+ARTEFACT = ArtefactKind("pod grouping", FORMAT_VERSION, folder="pod", made="measured",
+                        remake="measure it with ojakv.methods.pod.make_similarity")
 # Proximal tokens left out of the similarity. Fixed (not the cache's knobs) so that one file serves every setting.
 SIM_SINK, SIM_WINDOW = 4, 128
 QUERIES_PER_PROMPT = 64  # evenly spaced over the second half of each prompt
@@ -183,7 +184,7 @@ def layer_bases(model, config: PoDConfig) -> torch.Tensor:
 
 
 def default_path(model) -> Path:
-    return cache_dir() / "pod" / f"{fingerprint(model)}.safetensors"
+    return ARTEFACT.default_path(model)
 
 
 def save_similarity(model, similarity: torch.Tensor, path: str | os.PathLike | None = None,
@@ -216,41 +217,16 @@ def make_similarity(model, tokenizer, path: str | os.PathLike | None = None, *, 
 
 def load_similarity(model, path: str | os.PathLike | None = None) -> torch.Tensor:
     """The checked similarity [L, L, h] for ``model``; without a path the cached one, made on first use."""
-    target = Path(path) if path is not None else default_path(model)
-    if path is None and target.exists() and _metadata(target).get("format") != FORMAT_VERSION:
-        target.unlink()  # our own cached file, of an older format: made again below
-    if not target.exists():
-        if path is not None:
-            raise OjaKVError(f"grouping file {target} does not exist: omit grouping= to make one from the essays")
-        tokenizer = getattr(model, "ojakv_tokenizer", None)
-        if tokenizer is None:
-            raise OjaKVError("no pod grouping for this model yet: call ojakv.methods.pod.make_similarity(model, "
-                             "tokenizer), load the model with ojakv.load_model, or use delta <= 0 (group all)")
-        make_similarity(model, tokenizer, target)
-    return _checked(model, target)
-
-
-def _metadata(target: Path) -> dict:
-    try:
-        with safe_open(str(target), framework="pt") as f:
-            return f.metadata() or {}
-    except Exception:  # safetensors raises several types for a file that is not what it claims
-        return {}
-
-
-def _checked(model, target: Path) -> torch.Tensor:
-    metadata = _metadata(target)
-    if metadata.get("format") != FORMAT_VERSION:
-        raise OjaKVError(f"{target} is not a pod grouping file of format {FORMAT_VERSION} (found "
-                         f"{metadata.get('format')!r}): delete it, or measure again with make_similarity")
-    if metadata.get("fingerprint") != fingerprint(model):
-        raise OjaKVError(f"{target} was measured for model {metadata.get('fingerprint')}, not this one "
-                         f"({fingerprint(model)}): measure this model with make_similarity")
-    with safe_open(str(target), framework="pt") as f:
-        similarity = f.get_tensor("similarity")
+    tensors, _ = ARTEFACT.load(
+        model, path, make_similarity, missing="omit grouping= to make one from the essays",
+        no_tokenizer="no pod grouping for this model yet: call ojakv.methods.pod.make_similarity(model, tokenizer), "
+                     "load the model with ojakv.load_model, or use delta <= 0 (group all)",
+    )
+    similarity = tensors.get("similarity")
     g = geometry(model)
-    if tuple(similarity.shape) != (g.num_layers, g.num_layers, g.num_kv_heads):
-        raise OjaKVError(f"{target} does not match this model's shape: measure it again with make_similarity")
+    if similarity is None or tuple(similarity.shape) != (g.num_layers, g.num_layers, g.num_kv_heads):
+        raise OjaKVError(f"{path or default_path(model)} does not match this model's shape: measure it again "
+                         "with make_similarity")
     return similarity
 
 
