@@ -206,6 +206,32 @@ class FullLayer(CacheLayer):
         return {"full": nbytes(self.keys, self.values)}
 
 
+class ObserverLayer(CacheLayer):
+    """Stores nothing: hands each call's keys, values and attention inputs to ``observe(layer, keys, values,
+    attention, step)`` and returns this call's K/V. For measurements that read a model's attention (calibration,
+    PoD's layer similarity)."""
+
+    def __init__(self, layer_idx: int, shared: SharedState, observe):
+        super().__init__(layer_idx, shared)
+        self.observe = observe
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        attention, step = self.begin_update(key_states, value_states)
+        self.observe(self, key_states, value_states, attention, step)
+        self.seen += key_states.shape[2]
+        return key_states, value_states
+
+    def segments(self) -> dict[str, int]:
+        return {}
+
+
+def observe_forward(model, input_ids: torch.Tensor, observe, *, method: str) -> None:
+    """One forward pass of ``model`` on ``input_ids`` [b, n] with every layer an ``ObserverLayer``."""
+    cache = CompressedCache(model, lambda i, shared: ObserverLayer(i, shared, observe), method=method, config={})
+    with torch.no_grad():
+        model(input_ids=input_ids.to(next(model.parameters()).device), past_key_values=cache, use_cache=True)
+
+
 class SlidingWindowLayer(FullLayer):
     """A sliding-window attention layer (Gemma 2 / 3, Mistral v0.1), kept as ``DynamicCache`` keeps it: the last
     ``window - 1`` tokens at full precision. No method compresses it: it is small and bounded already, and its

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .artefact import ArtefactKind
 from .atomic import atomic_path
-from .cache import CacheLayer, CompressedCache, SharedState
+from .cache import observe_forward
 from .errors import OjaKVError
 from .models import attention_modules, compute_queries, fingerprint, geometry, kv_projection_weights
 from .rope import undo_rope
@@ -53,22 +53,18 @@ def default_path(model) -> Path:
     return ARTEFACT.default_path(model)
 
 
-class _CollectorLayer(CacheLayer):
-    """Accumulates second moments of this layer's keys (both sides of RoPE) and values; stores nothing."""
+def _collect(sums: dict):
+    """An observer (``cache.observe_forward``) adding second moments of each layer's keys (both sides of RoPE),
+    values and group queries with keys to ``sums``."""
 
-    def __init__(self, layer_idx: int, shared: SharedState, sums: dict):
-        super().__init__(layer_idx, shared)
-        self.sums = sums
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        attention, step = self.begin_update(key_states, value_states)
+    def observe(layer, key_states, value_states, attention, step) -> None:
         weight = step.valid.clone()
         weight[:, :SKIP_FIRST] = False
         weight = weight.unsqueeze(1).expand(-1, key_states.shape[1], -1)
         if attention is not None:
             cos, sin = attention.cos, attention.sin
         else:
-            cos, sin = self.shared.rope_angles(step.positions)
+            cos, sin = layer.shared.rope_angles(step.positions)
         features = {
             "k_post": key_states.float(),
             "k_pre": undo_rope(key_states.float(), cos.float(), sin.float()),
@@ -76,24 +72,22 @@ class _CollectorLayer(CacheLayer):
         }
         for kind, x in features.items():
             cov, _ = covariance(x, weight)
-            self.sums[kind][self.layer_idx] += cov.sum(0).double()
-        self.sums["qk_pre"][self.layer_idx] += self.sums_of_group_queries(attention, cos, sin, weight)
-        self.sums["qk_pre"][self.layer_idx] += covariance(features["k_pre"], weight)[0].sum(0).double()
-        self.seen += key_states.shape[2]
-        return key_states, value_states
+            sums[kind][layer.layer_idx] += cov.sum(0).double()
+        sums["qk_pre"][layer.layer_idx] += _sums_of_group_queries(attention, cos, sin, weight)
+        sums["qk_pre"][layer.layer_idx] += covariance(features["k_pre"], weight)[0].sum(0).double()
 
-    def sums_of_group_queries(self, attention, cos, sin, weight) -> torch.Tensor:
-        """Σ qqᵀ of the pre-RoPE queries of each KV head's group, [h, d, d] (float64)."""
-        queries = compute_queries(attention.module, attention.hidden_states, attention.cos, attention.sin).float()
-        queries = undo_rope(queries, cos.float(), sin.float())
-        b, heads, n, d = queries.shape
-        kv_heads = weight.shape[1]
-        grouped = queries.view(b, kv_heads, heads // kv_heads, n, d).transpose(2, 3).reshape(b, kv_heads, -1, d)
-        group_weight = weight.repeat_interleave(heads // kv_heads, dim=-1)
-        return covariance(grouped, group_weight)[0].sum(0).double()
+    return observe
 
-    def segments(self) -> dict[str, int]:
-        return {}
+
+def _sums_of_group_queries(attention, cos, sin, weight) -> torch.Tensor:
+    """Σ qqᵀ of the pre-RoPE queries of each KV head's group, [h, d, d] (float64)."""
+    queries = compute_queries(attention.module, attention.hidden_states, attention.cos, attention.sin).float()
+    queries = undo_rope(queries, cos.float(), sin.float())
+    b, heads, n, d = queries.shape
+    kv_heads = weight.shape[1]
+    grouped = queries.view(b, kv_heads, heads // kv_heads, n, d).transpose(2, 3).reshape(b, kv_heads, -1, d)
+    group_weight = weight.repeat_interleave(heads // kv_heads, dim=-1)
+    return covariance(grouped, group_weight)[0].sum(0).double()
 
 
 def calibrate(
@@ -119,14 +113,8 @@ def calibrate(
     if ids.numel() <= SKIP_FIRST:
         raise OjaKVError(f"calibration text is too short ({ids.numel()} tokens): give at least a few hundred tokens")
     sums = {k: torch.zeros(g.num_layers, g.num_kv_heads, g.head_dim, g.head_dim, dtype=torch.float64) for k in KINDS}
-    device = next(model.parameters()).device
-    chunks = list(ids.split(chunk_tokens))
-    for chunk in tqdm(chunks, desc="calibrating", unit="chunk", disable=not progress):
-        cache = CompressedCache(
-            model, lambda i, shared: _CollectorLayer(i, shared, sums), method="calibration", config={}
-        )
-        with torch.no_grad():
-            model(input_ids=chunk.unsqueeze(0).to(device), past_key_values=cache, use_cache=True)
+    for chunk in tqdm(list(ids.split(chunk_tokens)), desc="calibrating", unit="chunk", disable=not progress):
+        observe_forward(model, chunk.unsqueeze(0), _collect(sums), method="calibration")
     tensors = {}
     for kind in KINDS:
         vals, vecs = eigh_descending(sums[kind])

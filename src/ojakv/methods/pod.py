@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from ..artefact import ArtefactKind
 from ..atomic import atomic_path
-from ..cache import CacheLayer, SharedState, growable_segments
+from ..cache import CacheLayer, SharedState, growable_segments, observe_forward
 from ..errors import OjaKVError
 from ..memory import nbytes
 from ..models import compute_queries, fingerprint, geometry
@@ -103,25 +103,6 @@ def distant_attention(keys: torch.Tensor, attention, rows: torch.Tensor) -> torc
     return probs / probs.sum(-1, keepdim=True).clamp_min(1e-30)
 
 
-class _ProbeLayer(CacheLayer):
-    """Records this layer's distant attention for a few queries; stores nothing."""
-
-    def __init__(self, layer_idx: int, shared: SharedState, records: dict):
-        super().__init__(layer_idx, shared)
-        self.records = records
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        attention, _ = self.begin_update(key_states, value_states)
-        if attention is None:
-            raise OjaKVError("measuring attention needs the model's queries: pass a model ojakv supports")
-        self.records[self.layer_idx] = distant_attention(key_states, attention, _query_rows(key_states.shape[2]))
-        self.seen += key_states.shape[2]
-        return key_states, value_states
-
-    def segments(self) -> dict[str, int]:
-        return {}
-
-
 def _pairwise_overlap(records: list[torch.Tensor]) -> torch.Tensor:
     """Mean over sequences and queries of Σ min(p_a, p_b) = 1 − ½ Σ |p_a − p_b|, for every pair of layers:
     [L, L, h]. (``cdist`` computes the L1 distances without an L × L × n temporary.)"""
@@ -134,18 +115,18 @@ def _pairwise_overlap(records: list[torch.Tensor]) -> torch.Tensor:
 def attention_similarity(model, ids, *, progress: bool = False) -> torch.Tensor:
     """Similarity [L, L, h] of every two layers' attention over distant tokens, per KV head, measured on token
     ids: one tensor [b, n] or [n], or a list of them (unpadded prompts). Deterministic for given ids."""
-    from ..cache import CompressedCache
-
     prompts = [ids] if isinstance(ids, torch.Tensor) else list(ids)
-    device = next(model.parameters()).device
     total = None
     for prompt in tqdm(prompts, desc="pod: measuring inter-layer attention similarity", unit="prompt",
                        disable=not progress):
         records: dict[int, torch.Tensor] = {}
-        cache = CompressedCache(model, lambda i, shared: _ProbeLayer(i, shared, records), method="pod-probe",
-                                config={})
-        with torch.no_grad():
-            model(input_ids=prompt.view(-1, prompt.shape[-1]).to(device), past_key_values=cache, use_cache=True)
+
+        def record(layer, key_states, value_states, attention, step) -> None:
+            if attention is None:
+                raise OjaKVError("measuring attention needs the model's queries: pass a model ojakv supports")
+            records[layer.layer_idx] = distant_attention(key_states, attention, _query_rows(key_states.shape[2]))
+
+        observe_forward(model, prompt.view(-1, prompt.shape[-1]), record, method="pod-probe")
         overlap = _pairwise_overlap([records[i] for i in range(len(records))]).double().cpu()
         total = overlap if total is None else total + overlap
     return (total / len(prompts)).float()
