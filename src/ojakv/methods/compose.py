@@ -68,11 +68,9 @@ class SelectedLowRankLayer(OjaKVLayer):
         self.seen += q
         return key_states, value_states
 
-    def _positions(self, start: int, count: int) -> torch.Tensor:
-        return self.held_positions.view[:, :, start : start + count].long()
-
     def _body_angles(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.shared.rope_angles(self._positions(start, count))  # per head: nothing to share across layers
+        positions = self.held_positions.view[:, :, start : start + count]
+        return self.shared.rope_angles(positions)  # per head: nothing to share across layers
 
     def segments(self) -> dict[str, int]:
         return {**super().segments(), "positions": self.held_positions.nbytes}

@@ -252,17 +252,12 @@ class OjaKVLayer(CacheLayer):
             self._select_exact(keys, values, body_start, attention, None)
         self.k_win, self.v_win = self.k_win[:, :, count:].clone(), self.v_win[:, :, count:].clone()
 
-    def _positions(self, start: int, count: int) -> torch.Tensor | None:
-        if self.config.key_mode == "post_rope":
-            return None
+    def _body_angles(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE angles of the stored tokens [start, start + count) (pre-RoPE keys), shared by all layers of the
+        step."""
         stored = self.shared.positions
         if stored is None or stored.length < start + count:
             raise OjaKVError("pre_rope keys need token positions: build the cache with ojakv.make_cache(model, ...)")
-        return stored.view[:, start : start + count].long()
-
-    def _body_angles(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE angles of the stored tokens [start, start + count), shared by all layers of the step."""
-        self._positions(start, count)  # fails clearly if positions were never recorded
         return self.shared.span_angles(start, count)
 
     def _oja_update(self) -> None:
