@@ -373,6 +373,6 @@ def _for_budget(knobs, geometry, prompt_tokens, new_tokens, dtype_bytes, budget)
 
 
 register(Method(name="turboquant",
-                summary="random rotation + Lloyd-Max codebook per coordinate, QJL-corrected keys; 2-4 bits, packed",
+                summary="random rotation + Lloyd-Max codebook per coordinate (QJL-corrected keys optional); 2-4 bits, packed",
                 config_class=TurboQuantConfig, build=_build, reference="Zandieh et al., TurboQuant, arXiv 2504.19874",
                 for_budget=_for_budget))
