@@ -59,6 +59,10 @@ def test_method_specs_parse_typed_knobs_and_refuse_bad_ones():
         MethodSpec.parse("snapkv:kernel=4.5")
     with pytest.raises(OjaKVError, match="knob rank_ratio needs a number, got 'half'"):
         MethodSpec.parse("ojakv:rank_ratio=half")
+    assert dict(MethodSpec.parse("streaming-llm:rerotate=False").knobs) == {"rerotate": False}
+    assert dict(MethodSpec.parse("streaming-llm:rerotate=true").knobs) == {"rerotate": True}
+    with pytest.raises(OjaKVError, match="knob rerotate needs true or false, got 'maybe'"):
+        MethodSpec.parse("streaming-llm:rerotate=maybe")
     with pytest.raises(OjaKVError, match="unknown method"):
         MethodSpec.parse("zip")
 

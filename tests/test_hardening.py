@@ -124,6 +124,7 @@ def test_unsupported_family_is_named():
     ("pyramidkv", dict(beta=float("nan")), "beta takes a finite number"),
     ("streaming-llm", dict(window="8"), "window takes a whole number"),
     ("kivi", dict(bits=2.0), "bits takes a whole number"),
+    ("streaming-llm", dict(rerotate="False"), "rerotate takes True or False, got 'False'"),
 ])
 def test_knobs_of_the_wrong_type_are_named(tiny, method, knobs, message):
     with pytest.raises(OjaKVError, match=message):
@@ -206,8 +207,10 @@ def test_budgets_outside_zero_one_are_refused(tiny):
     (["calibrate", "--text-file", "{binary}"], ["cannot read", "as UTF-8 text"]),
     (["generate", "--prompt", "hi", "--json", "{dir}"], ["--json", "is a folder"]),
     (["generate", "--prompt-file", "{dir}"], ["cannot read", "IsADirectoryError"]),
-    (["generate", "--prompt", "hi", "--method", "snapkv", "--kernel", "4.5"], ["--kernel takes a whole number"]),
-    (["generate", "--prompt", "hi", "--rank-ratio", "half"], ["knob rank_ratio needs a number"]),
+    (["generate", "--prompt", "hi", "--method", "snapkv", "--kernel", "4.5"], ["--kernel needs a whole number"]),
+    (["generate", "--prompt", "hi", "--rank-ratio", "half"], ["--rank-ratio needs a number"]),
+    (["generate", "--prompt", "hi", "--method", "streaming-llm", "--rerotate", "maybe"],
+     ["--rerotate needs true or false"]),
     (["generate", "--prompt", "hi", "--method", "kivi", "--bits", "3"], ["bits must be one of 2, 4, 8"]),
     (["generate", "--prompt", "hi", "--method", "snapkv", "--capacity", "4", "--window", "8"],
      ["1 <= window <= capacity"]),

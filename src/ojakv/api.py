@@ -57,7 +57,9 @@ def _check_knob_type(method: str, field: dataclasses.Field, value) -> None:
                              f"({field.default!r})")
         return
     number = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if "float" in annotation:
+    if "bool" in annotation:
+        expected, ok = "True or False", isinstance(value, bool)
+    elif "float" in annotation:
         expected, ok = "a finite number", number and math.isfinite(value)
     elif "int" in annotation:
         expected, ok = "a whole number", number and isinstance(value, numbers.Integral)

@@ -41,12 +41,8 @@ def _given_knobs(args: argparse.Namespace, config_class: type) -> dict:
     from .methods import parse_value
 
     given = {k[len("knob_"):]: v for k, v in vars(args).items() if k.startswith("knob_") and v is not None}
-    annotations = {f.name: str(f.type) for f in dataclasses.fields(config_class)}
-    for name, text in given.items():
-        kind = annotations.get(name, "")
-        if "int" in kind and "float" not in kind and not text.strip().lstrip("+-").isdigit():
-            raise OjaKVError(f"--{name.replace('_', '-')} takes a whole number, got {text!r}")
-    return {name: parse_value(config_class, name, text) for name, text in given.items()}
+    return {name: parse_value(config_class, name, text, label=f"--{name.replace('_', '-')}")
+            for name, text in given.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -88,9 +88,18 @@ def registered() -> dict[str, Method]:
     return dict(_REGISTRY)
 
 
-def parse_value(config_class: type, name: str, text: str):
-    """A knob value from text (CLI flags, method specs), typed from the config dataclass's annotation."""
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def parse_value(config_class: type, name: str, text: str, label: str | None = None):
+    """A knob value from text (CLI flags, method specs), typed from the config dataclass's annotation; errors name
+    the knob as ``label`` (default ``knob NAME``; the CLI passes its flag)."""
     annotation = str({f.name: f.type for f in dataclasses.fields(config_class)}.get(name, "str"))
+    label = label or f"knob {name}"
+    if "bool" in annotation:
+        if text.strip().lower() not in _BOOLEANS:
+            raise OjaKVError(f"{label} needs true or false, got {text!r}")
+        return _BOOLEANS[text.strip().lower()]
     try:
         if "float" in annotation:
             return float(text)
@@ -98,7 +107,7 @@ def parse_value(config_class: type, name: str, text: str):
             return int(text)
     except ValueError:
         kind = "a number" if "float" in annotation else "a whole number"
-        raise OjaKVError(f"knob {name} needs {kind}, got {text!r}") from None
+        raise OjaKVError(f"{label} needs {kind}, got {text!r}") from None
     return text
 
 
