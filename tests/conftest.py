@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random-weight models for logic tests, and helpers to compare caches."""
+"""Shared fixtures: the offline tokenizer, a tiny random-weight model, an isolated cache folder (helpers for
+comparing caches are in helpers.py)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,8 @@ import os
 
 import pytest
 import torch
-from transformers import DynamicCache
 
-from ojakv.models import tiny_model
-from ojakv.storage import GrowableTensor
+from tiny import tiny_model
 
 
 def pytest_addoption(parser):
@@ -59,50 +58,3 @@ def tokenizer():
 def tiny():
     torch.manual_seed(0)
     return tiny_model("llama", num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, max_context=1024)
-
-
-def padded_batch(vocab: int, lengths: tuple[int, ...], seed: int = 0):
-    """Token ids and a left-padding mask for prompts of the given lengths."""
-    gen = torch.Generator().manual_seed(seed)
-    n = max(lengths)
-    ids = torch.randint(3, vocab, (len(lengths), n), generator=gen)
-    mask = torch.zeros(len(lengths), n, dtype=torch.long)
-    for row, length in enumerate(lengths):
-        mask[row, n - length :] = 1
-        ids[row, : n - length] = 0
-    return ids, mask
-
-
-def greedy_scores(model, ids, mask, cache, steps: int) -> torch.Tensor:
-    """Logits of ``steps`` greedy decode steps, stacked [steps, b, vocab]."""
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=steps,
-                             min_new_tokens=steps, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True, pad_token_id=0)
-    return torch.stack(out.logits)
-
-
-def full_cache(model):
-    return DynamicCache(config=model.config)
-
-
-def held_tensor_bytes(cache) -> int:
-    """Walk every layer's attributes (into lists and quantized blocks) and add up the storage found."""
-    from ojakv.quantize import Quantized
-    from ojakv.storage import QuantizedRows
-
-    def size(value) -> int:
-        if isinstance(value, torch.Tensor):
-            return value.numel() * value.element_size()
-        if isinstance(value, GrowableTensor):
-            return value.nbytes
-        if isinstance(value, (list, tuple)):
-            return sum(size(item) for item in value)
-        if isinstance(value, QuantizedRows):
-            return size(list(value.buffers))
-        if isinstance(value, Quantized):
-            return size([value.codes, value.scale, value.minimum])
-        return 0
-
-    total = cache.shared.positions.nbytes if cache.shared.positions is not None else 0
-    return total + sum(size(value) for layer in cache.layers for value in vars(layer).values())

@@ -26,6 +26,8 @@ from contextlib import contextmanager
 import torch
 from transformers import AttentionInterface, DynamicCache
 
+from helpers import kv
+
 NAME = "ojakv_reference"
 _ACTIVE: list["Reference"] = []
 
@@ -55,7 +57,7 @@ def run(model, cache_or_reference, ids, mask, chunks, decode_ids) -> list[torch.
             if reference is not None:
                 reference.begin_call(full_mask[:, :end].bool(), positions[:, :end], q)
             logits = runner(input_ids=full_ids[:, start:end], attention_mask=full_mask[:, :end],
-                            position_ids=positions[:, start:end], past_key_values=cache, use_cache=True).logits
+                            position_ids=positions[:, start:end], **kv(cache), use_cache=True).logits
             outputs.append(logits.float() * full_mask[:, start:end, None])
     return outputs
 

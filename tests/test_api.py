@@ -9,14 +9,14 @@ from transformers import pipeline
 import ojakv
 from ojakv.errors import OjaKVError
 
-from conftest import padded_batch
+from helpers import kv, padded_batch
 
 
 def test_compress_gives_generate_a_fresh_cache_and_restores_it(tiny):
     ids, mask = padded_batch(tiny.config.vocab_size, (40, 33))
     knobs = dict(rank_ratio=0.5, n_sink=4, n_recent=8)
     explicit = tiny.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
-                             past_key_values=ojakv.make_cache(tiny, "ojakv", **knobs))
+                             **kv(ojakv.make_cache(tiny, "ojakv", **knobs)))
     with ojakv.compress(tiny, "ojakv", **knobs) as run:
         first = tiny.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
         tiny.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -34,7 +34,7 @@ def test_compress_checks_knobs_up_front(tiny):
 
 
 def test_text_generation_pipeline_runs_compressed(tiny, tokenizer):
-    from ojakv.models import tiny_model
+    from tiny import tiny_model
 
     model = tiny_model("llama", vocab_size=len(tokenizer), max_context=2048)
     generator = pipeline("text-generation", model=model, tokenizer=tokenizer)

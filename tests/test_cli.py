@@ -35,7 +35,7 @@ def _assert_one_line_error(code: int, err: str, *needles: str) -> None:
         (["--method", "full", "--rank-ratio", "0.5", "--prompt", "hi"], ["has no knob rank_ratio"]),
         (["--passkey", "10"], ["--passkey needs at least 64 tokens"]),
         (["--max-new-tokens", "0", "--prompt", "hi"], ["--max-new-tokens must be >= 1"]),
-        (["--budget", "1.5", "--prompt", "hi"], ["--budget is a fraction of the full cache"]),
+        (["--budget", "1.5", "--prompt", "hi"], ["a budget is a fraction of the full cache in (0, 1], got 1.5"]),
     ],
 )
 def test_generate_rejects_bad_input_before_loading_the_model(capsys, argv, needles):

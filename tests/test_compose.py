@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import ojakv
 from ojakv.storage import QuantizedRows
 
-from conftest import greedy_scores, held_tensor_bytes, padded_batch
+from helpers import greedy_scores, held_tensor_bytes, padded_batch
 
 SELECTION = dict(capacity=40, window=8, kernel=5, pooling="max")
 

@@ -16,6 +16,8 @@ import pytest
 import torch
 
 import ojakv
+
+from helpers import kv
 from ojakv.calibration import default_path, load_calibration
 from ojakv.cli import main
 from ojakv.data import passkey_prompt
@@ -53,7 +55,7 @@ def smol(cache_folder):
 def _answer(model, tokenizer, prompt: str, cache) -> str:
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
-        out = model.generate(**ids, past_key_values=cache, max_new_tokens=8, do_sample=False,
+        out = model.generate(**ids, **kv(cache), max_new_tokens=8, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True)
 
@@ -68,6 +70,24 @@ def test_full_and_default_ojakv_find_the_pass_key_in_3k_tokens(smol, seed, depth
     assert key in _answer(model, tokenizer, prompt, cache)
     report = cache.memory()
     assert report.held_bytes < 0.56 * report.full_bytes  # half rank + 64 anchors + bases, at about 3K tokens
+
+
+@pytest.mark.compat
+def test_the_readme_main_command_finds_the_pass_key(smol, capsys):
+    code = main(["generate", "--method", "ojakv", "--passkey", "3000", "--max-new-tokens", "16"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "found: yes" in printed and "held" in printed
+
+
+@pytest.mark.parametrize("method", ["ojakv", "snapkv"])
+def test_make_cache_meets_a_budget_from_python(smol, method):
+    model, tokenizer = smol
+    prompt, _ = passkey_prompt(tokenizer, 1000, seed=3)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    assert abs(ids.input_ids.shape[1] - 1000) <= 20
+    with ojakv.make_cache(model, method, budget=0.4) as cache, torch.no_grad():  # sized when the prompt arrives
+        model(**ids, **kv(cache))
+    assert abs(cache.memory().ratio - 0.4) <= 0.03, cache.config
 
 
 def test_calibration_is_made_once_with_its_metadata(smol):
@@ -137,7 +157,7 @@ def test_every_method_generates_a_padded_batch_on_the_embedded_model(smol, metho
     assert (batch.attention_mask[1] == 0).any()  # the shorter prompt is left-padded
     cache = ojakv.make_cache(model, method, **COMPRESSING[method])
     with torch.no_grad():
-        out = model.generate(**batch, past_key_values=cache, max_new_tokens=6, do_sample=False,
+        out = model.generate(**batch, **kv(cache), max_new_tokens=6, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
     assert all(text.strip() for text in texts)

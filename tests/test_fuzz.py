@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 
 import ojakv
 import reference as ref
-from conftest import held_tensor_bytes
+from helpers import held_tensor_bytes, kv
 from ojakv.methods import registered
-from ojakv.models import tiny_model
+from tiny import tiny_model
 from test_methods import COMPRESSING
 
 DEFAULT_EXAMPLES = 10
@@ -207,7 +207,7 @@ def test_random_inputs_stay_finite_and_memory_is_what_is_held(model, method, dat
         for q in [*chunks, *[1] * decode.shape[1]]:
             start, end = end, end + q
             logits = model(input_ids=full_ids[:, start:end], attention_mask=full_mask[:, :end],
-                           position_ids=positions[:, start:end], past_key_values=cache).logits
+                           position_ids=positions[:, start:end], **kv(cache)).logits
             real = full_mask[:, start:end].bool()
             assert torch.isfinite(logits[real]).all()
             assert cache.memory().held_bytes == held_tensor_bytes(cache)

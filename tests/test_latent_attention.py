@@ -9,10 +9,10 @@ from hypothesis import strategies as st
 
 import ojakv
 from ojakv import attention as latent
-from ojakv.models import tiny_model
+from tiny import tiny_model
 from ojakv.rope import apply_rope
 
-from conftest import greedy_scores, padded_batch
+from helpers import greedy_scores, padded_batch
 
 
 def _model():
@@ -64,7 +64,7 @@ def test_switching_the_model_back_to_sdpa_falls_back_to_reconstruction(monkeypat
 
 
 def test_the_wrapper_is_inert_for_other_caches(gqa_model):
-    from conftest import full_cache
+    from helpers import full_cache
 
     ojakv.make_cache(gqa_model, "ojakv")  # routes the model through the wrapper
     ids, mask = padded_batch(gqa_model.config.vocab_size, (30, 20), seed=3)
@@ -116,16 +116,13 @@ def test_latent_attention_equals_sdpa_on_the_rebuilt_tensors(batch, kv_heads, gr
     mask = causal.expand(batch, 1, q, kv).clone()
     if padded:
         mask[0, ..., : min(2, kv - q)] = False  # the first sequence is left-padded
-    module = torch.nn.Module()
-    module.config = type("Config", (), {"_attn_implementation": "ojakv|sdpa"})()
-    latent.post_body(module, body)
-    out, _ = latent.latent_attention(module, query, dense_k, dense_v, mask if padded or q > 1 else None,
-                                     scaling=d**-0.5)
+    out = latent.latent_attention(query, dense_k, dense_v, mask if padded or q > 1 else None, body, d**-0.5)
     rep = lambda t: t.repeat_interleave(groups, dim=1)  # noqa: E731
     reference = torch.nn.functional.scaled_dot_product_attention(query, rep(keys), rep(values), attn_mask=mask)
     assert (out - reference.transpose(1, 2)).abs().max() <= 1e-5
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("model_type", ["qwen3", "gemma2", "gemma3_text"])
 def test_latent_path_equals_the_reconstruct_path_on_other_families(model_type):
     """q/k norms (Qwen3, Gemma 3), soft-capping and query_pre_attn_scalar (Gemma 2), sliding layers left alone."""

@@ -18,7 +18,8 @@ from ojakv.errors import OjaKVError  # noqa: E402
 from ojakv.lm_eval import with_task_path  # noqa: E402
 from ojakv.lm_eval_adapter import OjaKVLM, split_model_args  # noqa: E402
 from ojakv.lm_eval_tasks import TASKS_DIR  # noqa: E402
-from ojakv.models import gguf_path, tiny_model  # noqa: E402
+from ojakv.models import gguf_path  # noqa
+from tiny import tiny_model  # noqa: E402
 
 CONTEXT = "The grass is green and the sky is blue. " * 14  # ~150 tokens: more than the anchors keep exact
 

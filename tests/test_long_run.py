@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import ojakv
-from conftest import held_tensor_bytes
-from ojakv.models import tiny_model
+from helpers import held_tensor_bytes, kv
+from tiny import tiny_model
 from ojakv.quantize import Quantized
 from ojakv.storage import GrowableTensor
 
@@ -96,12 +96,12 @@ def test_rss_follows_held_bytes_over_2000_decode_steps(wide, method, knobs):
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, wide.config.vocab_size, (1, PROMPT + STEPS), generator=gen)
     with torch.inference_mode():
-        wide(input_ids=ids[:, :PROMPT], past_key_values=cache)
+        wide(input_ids=ids[:, :PROMPT], **kv(cache))
         for step in range(STEPS):
             if step == WARMUP:
                 _trim()
                 rss_start, held_start = rss(), cache.memory().held_bytes
-            wide(input_ids=ids[:, PROMPT + step : PROMPT + step + 1], past_key_values=cache)
+            wide(input_ids=ids[:, PROMPT + step : PROMPT + step + 1], **kv(cache))
     _trim()
     report = cache.memory()
     rss_growth, held_growth = rss() - rss_start, report.held_bytes - held_start

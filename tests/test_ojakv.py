@@ -10,7 +10,7 @@ from ojakv.calibration import calibrate
 from ojakv.errors import OjaKVError
 from ojakv.subspace import orthogonality_error
 
-from conftest import full_cache, greedy_scores, held_tensor_bytes, padded_batch
+from helpers import feed, full_cache, greedy_scores, held_tensor_bytes, kv, padded_batch
 
 SMALL = dict(n_sink=4, n_recent=8, n_residual=6, query_window=4)
 
@@ -50,10 +50,7 @@ def test_bases_stay_orthonormal_through_many_updates(tiny):
 
 def _drive(cache, keys, values, positions):
     """Feed one chunk straight into every layer, as the model's hooks would."""
-    b, _, q, _ = keys.shape
-    cache.begin_forward(None, positions.expand(b, q), b, q, keys.device)
-    for idx in range(len(cache.layers)):
-        cache.update(keys, values, idx)
+    feed(cache, keys, values, positions)
 
 
 def test_stored_tokens_reconstruct_no_worse_after_updates(tiny):
@@ -98,14 +95,14 @@ def test_memory_report_equals_the_tensors_held(tiny, policy, key_mode):
 
 
 def test_memory_formula_at_4k_tokens_with_half_rank():
-    from ojakv.models import tiny_model
+    from tiny import tiny_model
 
     model = tiny_model("llama", num_layers=2, num_heads=2, num_kv_heads=1, head_dim=64, max_context=8192)
     n, batch = 4096, 1
     ids = torch.randint(3, model.config.vocab_size, (batch, n))
     cache = ojakv.make_cache(model, "ojakv", rank_ratio=0.5, init="prompt")
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache)
+        model(input_ids=ids, **kv(cache))
     report = cache.memory()
     seg = report.segments
     layers, heads, d, r, s = 2, 1, 64, 32, 4
@@ -132,7 +129,7 @@ def test_calibration_init_round_trip_and_mismatch_is_refused(tiny, tmp_path):
     cache = ojakv.make_cache(tiny, "ojakv", init="calibration", calibration_file=str(path), **SMALL)
     ids, mask = padded_batch(tiny.config.vocab_size, (64, 64))
     assert torch.isfinite(greedy_scores(tiny, ids, mask, cache, steps=4)).all()
-    from ojakv.models import tiny_model
+    from tiny import tiny_model
 
     other = tiny_model("llama", seed=7, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
     with pytest.raises(OjaKVError, match="calibrated for model"):

@@ -11,9 +11,10 @@ from ojakv.errors import OjaKVError
 from ojakv.methods import knobs_for_budget
 from ojakv.methods.pod import (attention_similarity, default_path, group_layers, held_fraction, layer_bases,
                                load_similarity, PoDConfig, save_similarity)
-from ojakv.models import geometry, tiny_model
+from ojakv.hf import geometry
+from tiny import tiny_model
 
-from conftest import greedy_scores, held_tensor_bytes, padded_batch
+from helpers import greedy_scores, held_tensor_bytes, kv, padded_batch
 
 
 @pytest.fixture(scope="module")
@@ -64,11 +65,11 @@ def test_delta_zero_groups_maximally_and_above_one_groups_nothing(deep):
 
 def _prefill_and_decode(model, cache, ids, mask, steps: int):
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        out = model(input_ids=ids, attention_mask=mask, **kv(cache))
         for _ in range(steps):
             token = out.logits[:, -1:].argmax(-1)
             mask = torch.cat([mask, torch.ones_like(token)], dim=1)
-            out = model(input_ids=token, attention_mask=mask, past_key_values=cache)
+            out = model(input_ids=token, attention_mask=mask, **kv(cache))
     return mask
 
 
@@ -148,7 +149,7 @@ def test_the_budgeted_cache_holds_its_budget(deep):
     cache = ojakv.make_cache(deep, "pod", **knobs)
     ids = _ids(deep.config.vocab_size, 1536, seed=5)
     with torch.no_grad():
-        deep.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=16,
+        deep.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kv(cache), max_new_tokens=16,
                       min_new_tokens=16, do_sample=False, pad_token_id=0)
     assert abs(cache.memory().ratio - 0.66) <= 0.02
 

@@ -8,9 +8,10 @@ import torch
 import ojakv
 from ojakv.cache import SlidingWindowLayer
 from ojakv.errors import OjaKVError
-from ojakv.models import check_supported, sliding_windows, tiny_model
+from ojakv.hf import check_supported, sliding_windows
+from tiny import tiny_model
 
-from conftest import full_cache, greedy_scores, padded_batch
+from helpers import full_cache, greedy_scores, kv, padded_batch
 
 
 @pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text"])
@@ -21,8 +22,8 @@ def test_sliding_layers_match_transformers_and_global_layers_are_compressed(mode
     reference = full_cache(model)
     cache = ojakv.make_cache(model, "snapkv", capacity=32, window=8)
     with torch.no_grad():  # the prompt alone: layer 0 sees the same inputs with either cache
-        model(input_ids=ids, attention_mask=mask, past_key_values=reference)
-        model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        model(input_ids=ids, attention_mask=mask, **kv(reference))
+        model(input_ids=ids, attention_mask=mask, **kv(cache))
     first, expected = cache.layers[0], reference.layers[0]
     assert torch.equal(first.keys, expected.keys) and torch.equal(first.values, expected.values)
     cache = ojakv.make_cache(model, "snapkv", capacity=32, window=8)

@@ -7,7 +7,7 @@ import torch
 import ojakv
 from ojakv.rope import apply_rope
 
-from conftest import full_cache, greedy_scores, padded_batch
+from helpers import full_cache, greedy_scores, kv, padded_batch
 
 
 def test_rerotation_without_eviction_is_the_full_cache(tiny):
@@ -36,7 +36,7 @@ def test_rerotated_keys_sit_at_consecutive_positions_ending_at_the_query(tiny, m
 
     monkeypatch.setattr(type(layer), "update", spy)
     with torch.no_grad():
-        out = tiny.generate(input_ids=ids, past_key_values=cache, max_new_tokens=steps, min_new_tokens=steps,
+        out = tiny.generate(input_ids=ids, **kv(cache), max_new_tokens=steps, min_new_tokens=steps,
                             do_sample=False, pad_token_id=0)
     tokens = out[0]
     attention = tiny.model.layers[0].self_attn

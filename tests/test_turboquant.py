@@ -10,12 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ojakv
-from ojakv.cache import StepInputs
+from helpers import feed, kv
 from ojakv.errors import OjaKVError
 from ojakv.methods import get_method
 from ojakv.methods.turboquant import (BITS, Quantizer, TurboQuantConfig, codebook, decode, encode,
                                       held_bytes)
-from ojakv.models import geometry, tiny_model
+from ojakv.hf import geometry
+from tiny import tiny_model
 from ojakv.quantize import pack_bits, unpack_bits
 
 # Distortion E‖x − x̃‖² of the Lloyd–Max quantizer of a standard Gaussian at 1..4 bits: the large-d limit of the
@@ -187,7 +188,7 @@ def _model(head_dim=64, kv_heads=2):
 def _generate(model, cache, prompt=200, new=8):
     ids = torch.randint(3, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kv(cache),
                        max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
 
 
@@ -210,17 +211,19 @@ def test_held_bytes_are_the_bit_formula(bits, key_variant):
     assert cache.memory().held_bytes - segments["growth_slack"] == 2 * per_layer
 
 
-def test_budget_picks_the_bit_width_whose_ratio_is_closest():
+def test_budget_picks_the_widest_bits_whose_ratio_fits():
     # Ratios come from the byte formula checked above. At 1,552 tokens the d×d matrices weigh enough that 2.5 bits
     # (two smaller sets) hold less than 2 bits (one 64×64 set): the pick follows held bytes, not the label.
     method = get_method("turboquant")
     g = geometry(_model())
     ratios = {bits: held_bytes(TurboQuantConfig(bits=bits), 64, 2, 1552, 4) / (2 * 1552 * 64 * 4 * 2)
               for bits in BITS}
-    for budget in (0.01, 0.15, ratios[3] + 0.001, ratios[3.5] - 0.001, 0.9):
-        closest = min(BITS, key=lambda bits: abs(ratios[bits] - budget))
-        assert method.for_budget({}, g, 1536, 16, 4, budget)["bits"] == closest
-    assert method.for_budget({}, g, 1536, 16, 4, 0.9)["bits"] == 4
+    for budget in (0.15, ratios[3] + 0.001, ratios[3.5] - 0.001, 0.9):
+        fitting = [bits for bits in BITS if ratios[bits] <= budget]
+        assert method.for_budget({}, g, 1536, 16, 4, budget).knobs["bits"] == max(fitting, key=ratios.get)
+    assert method.for_budget({}, g, 1536, 16, 4, 0.9).knobs["bits"] == 4
+    floor = method.for_budget({}, g, 1536, 16, 4, 0.01)
+    assert floor.predicted == floor.floor == min(ratios.values()) > 0.01  # nothing fits: the caller reports it
 
 
 def test_outlier_channels_come_from_the_prompt_and_stay_fixed():
@@ -233,15 +236,13 @@ def test_outlier_channels_come_from_the_prompt_and_stay_fixed():
     keys[0, 0, :5, 0] = 1e4  # ... and a louder one only in its padding, which must not count
     valid = torch.ones(2, 30, dtype=torch.bool)
     valid[0, :5] = False
-    cache.shared.step = StepInputs(positions=torch.arange(30).expand(2, 30), valid=valid)
-    layer.update(keys, values)
+    feed(cache, keys, values, valid=valid, layers=[0])
     assert layer.key_order[0, 0, :4].tolist() == [3, 7, 11, 12]
     assert sorted(layer.key_order[0, 0].tolist()) == list(range(16))
     chosen = layer.key_order.clone()
-    cache.shared.step = None
     loud = torch.zeros(2, 2, 1, 16)
     loud[..., 0] = 100
-    layer.update(loud, loud)  # a decoded token with another loud channel changes nothing
+    feed(cache, loud, loud, layers=[0])  # a decoded token with another loud channel changes nothing
     assert torch.equal(layer.key_order, chosen)
 
 
@@ -249,7 +250,7 @@ def test_residual_tokens_stay_exact_and_older_ones_are_quantized():
     model = _model(head_dim=16)
     cache = ojakv.make_cache(model, "turboquant", bits=3, residual=8)
     keys = torch.randn(1, 2, 20, 16, generator=torch.Generator().manual_seed(3))
-    returned, _ = cache.layers[0].update(keys, keys)
+    [(returned, _)] = feed(cache, keys, keys, layers=[0])
     assert torch.equal(returned[:, :, -8:], keys[:, :, -8:])
     assert not torch.allclose(returned[:, :, :12], keys[:, :, :12], atol=1e-3)
     assert cache.layers[0].key_codes.length == 12

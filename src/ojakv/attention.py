@@ -11,29 +11,21 @@ kernel; that costs n·r·d multiply-adds per KV head per step, more than the att
 - the full-precision tokens (anchors, window, this step's) are scored as usual, and every segment's scores go
   through one softmax in cache order, so the result is the same attention, only computed in another order.
 
-How it reaches the model: the cache's layer calls ``post_body(module, body)`` in ``update`` and returns only
-its full-precision tokens; the model's attention call that follows runs ``latent_attention`` (registered with
-transformers' AttentionInterface as ``ojakv|<inner>``, the model's own implementation wrapped), which takes the
-posted body. A call with nothing posted goes straight to the inner implementation, so the wrapper is inert for
-every other cache and for prefill.
+How it reaches the model: the layer posts its ``LowRankBody`` (``ojakv.hf.post_body``) in ``update`` and returns
+only its full-precision tokens; the attention call that follows finds the body (``ojakv.hf.attention``) and
+calls ``latent_attention`` here. This module is plain tensor arithmetic.
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .rope import apply_rope
 
-PREFIX = "ojakv|"
 MAX_LATENT_QUERIES = 16  # longer calls (prefill, long chunks) take the reconstruct path and the model's kernel
 KEY_CHUNK = 1024  # pre-RoPE body keys rebuilt this many tokens at a time
-_POSTED = "_ojakv_posted_body"
 
 
 @dataclass
@@ -55,47 +47,18 @@ class LowRankBody:
         return self.key_coef.shape[2]
 
 
-def enable(model) -> None:
-    """Route the model's attention through ``latent_attention`` (idempotent). The inner implementation (sdpa,
-    eager, flash...) still serves every call that has no posted body."""
-    current = model.config._attn_implementation or "eager"
-    if current.startswith(PREFIX):
-        return
-    name = PREFIX + current
-    AttentionInterface.register(name, latent_attention)
-    if current in ALL_MASK_ATTENTION_FUNCTIONS:  # the inner kernel's mask format, columns in cache order
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[current])
-    model.set_attn_implementation(name)
-
-
-def is_enabled(module: torch.nn.Module) -> bool:
-    """Whether this attention module's next call goes through ``latent_attention`` (the user may have switched
-    the implementation since the cache was made; then layers fall back to reconstruction)."""
-    return (getattr(module.config, "_attn_implementation", None) or "").startswith(PREFIX)
-
-
-def post_body(module: torch.nn.Module, body: LowRankBody) -> None:
-    setattr(module, _POSTED, body)
-
-
-def latent_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    """transformers' attention signature: query [b, H, q, d]; key/value [b, h, m, d] are the full-precision
-    tokens; returns ([b, q, H, d], None)."""
-    body = module.__dict__.pop(_POSTED, None)
-    if body is None:
-        inner = module.config._attn_implementation.removeprefix(PREFIX)
-        function = ALL_ATTENTION_FUNCTIONS.get_interface(inner, _eager)
-        return function(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+def latent_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, body: LowRankBody,
+                     scale: float, softcap: float | None = None) -> torch.Tensor:
+    """Attention of ``query`` [b, H, q, d] over the full-precision tokens ``key``/``value`` [b, h, m, d] with
+    ``body`` spliced in at its columns; returns [b, q, H, d] in the query's dtype."""
     b, heads, q, d = query.shape
     kv_heads = key.shape[1]
-    scale = scaling if scaling is not None else d**-0.5
     # [b, h, g·q, d]: each KV head's query group, rows ordered (group member, query)
     grouped = query.float().reshape(b, kv_heads, heads // kv_heads * q, d)
     body_scores = _body_scores(grouped, body)
     dense_scores = grouped @ key.float().transpose(-1, -2)
     start = body.start
     scores = torch.cat([dense_scores[..., :start], body_scores, dense_scores[..., start:]], dim=-1) * scale
-    softcap = kwargs.get("softcap")
     if softcap is not None:  # Gemma 2's logit soft-capping, before the mask as in its eager attention
         scores = torch.tanh(scores / softcap) * softcap
     scores = _masked(scores, attention_mask, heads // kv_heads, q)
@@ -104,7 +67,7 @@ def latent_attention(module, query, key, value, attention_mask, dropout: float =
     out = probs[..., :start] @ value[:, :, :start].float() + probs[..., end:] @ value[:, :, start:].float()
     out = out + _body_values(probs[..., start:end], body)
     out = out.reshape(b, heads, q, d).transpose(1, 2).contiguous()
-    return out.to(query.dtype), None
+    return out.to(query.dtype)
 
 
 def _body_scores(grouped: torch.Tensor, body: LowRankBody) -> torch.Tensor:
@@ -150,9 +113,3 @@ def _masked(scores: torch.Tensor, mask: torch.Tensor | None, groups: int, q: int
     else:
         scores = scores + mask[..., -kv:].unsqueeze(2).float()
     return scores.view(b, h, groups * q, kv)
-
-
-def _eager(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    """The model's own eager attention (each family's modeling file defines one)."""
-    eager = sys.modules[type(module).__module__].eager_attention_forward
-    return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)

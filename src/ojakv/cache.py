@@ -1,27 +1,42 @@
 """The compressed KV cache: a ``transformers.Cache`` whose layers store tokens however their method decides.
 
-How a layer learns what it needs beyond the keys and values that ``update`` receives:
-- a forward pre-hook on the decoder model tells the cache, once per forward call, the new tokens' positions and
-  which of them are padding (from ``position_ids`` and the 2-D ``attention_mask``), so padding never enters a
-  basis or a score and keys can be rotated back to their own positions;
-- a forward pre-hook on each attention module hands its layer the hidden states and the RoPE angles of the call,
-  from which a layer can undo RoPE on the new keys or recompute queries (for query-aware token scores).
-Both hooks look at ``past_key_values`` and do nothing unless it is a ``CompressedCache``, so a model stays usable
-with any other cache, and the hooks keep no reference to a cache.
+How a layer learns what it needs beyond the keys and values that ``update`` receives: the forward hooks of
+``ojakv.hf`` tell the cache, once per forward call, the new tokens' positions and which are padding, and, per
+attention module, the hidden states and RoPE angles of the call. That is a contract, checked at every update: a
+layer never runs on assumed positions or padding. A forward call whose hooks did not run (another transformers
+keyword, a cache made for another model, a cache already closed) raises ``HooksMissed``.
+
+A cache holds the hooks on its model (and, for low-rank layers, the latent attention implementation) from
+``make_cache`` until it is closed: ``cache.close()``, the end of a ``with`` block, or its garbage collection.
+Then the model is as it was found.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
 
-from . import attention as latent_attention
 from .errors import OjaKVError
+from .hf import (AttentionInputs, CacheLayerMixin, HookedCache, attach, cache_keyword, cache_kwargs,
+                 describe_installed, geometry, rotary_embedding, sliding_windows)
 from .memory import MemoryReport, nbytes
-from .models import attention_modules, base_model, geometry, rotary_embedding, sliding_windows
 from .storage import GrowableTensor
+
+__all__ = ["AttentionInputs", "CacheLayer", "CompressedCache", "HooksMissed", "LayerPlan", "SharedState",
+           "StepInputs", "growable_segments", "observe_forward"]
+
+
+class HooksMissed(OjaKVError):
+    """A compressed cache was updated in a forward call that its hooks did not see."""
+
+    def __init__(self, what: str):
+        super().__init__(
+            f"{what}: ojakv's forward hooks did not run for this call, so positions, padding and attention inputs "
+            f"are unknown ({describe_installed()}). Pass the cache by keyword ({cache_keyword()}=cache) to the "
+            f"model it was made for with ojakv.make_cache(model, ...), and do not use it after close()")
 
 
 @dataclass
@@ -32,23 +47,15 @@ class StepInputs:
     valid: torch.Tensor
 
 
-@dataclass
-class AttentionInputs:
-    """The attention module's inputs for the current call (held only until the layer's ``update`` returns)."""
-
-    module: torch.nn.Module
-    hidden_states: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
-
-
 class SharedState:
     """State shared by all layers of one cache: model geometry, the current step, and token positions."""
 
     def __init__(self, model, track_positions: bool):
         self.geometry = geometry(model)
         self.rotary = rotary_embedding(model)
-        self.step: StepInputs | None = None
+        self.step: StepInputs | None = None  # set by the model hook, cleared after the last layer's update
+        self.updated: set[int] = set()  # layers updated in the current forward call
+        self.attention_inputs: dict[int, AttentionInputs] = {}
         self._step_memo: dict = {}  # cleared at every forward call and after the last layer
         self.seen = 0
         # Positions of every cached token, stored once for all layers (int32) when a layer needs to re-apply
@@ -59,15 +66,38 @@ class SharedState:
         if position_ids is None:
             position_ids = torch.arange(self.seen, self.seen + q, device=device).unsqueeze(0)
         positions = position_ids.expand(batch, q).to(device)
-        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[-1] >= q:
-            valid = attention_mask[:, -q:].to(device).bool()
-        else:
+        if attention_mask is None:  # no mask given: no padding
             valid = torch.ones(batch, q, dtype=torch.bool, device=device)
+        elif attention_mask.shape[-1] < q:
+            raise OjaKVError(f"attention_mask has {attention_mask.shape[-1]} columns for {q} new tokens: pass the "
+                             "mask of every token so far (generate does)")
+        else:
+            valid = attention_mask[:, -q:].to(device).bool()
         self.step = StepInputs(positions=positions, valid=valid)
+        self.updated = set()
+        self.attention_inputs = {}
         self._step_memo = {}
         self.seen += q
         if self.positions is not None:
             self.positions.append(positions.to(torch.int32))
+
+    def check_step(self, layer_idx: int, batch: int, q: int) -> None:
+        """The contract: this update belongs to a forward call the hooks announced, and is its first for the
+        layer."""
+        step = self.step
+        if step is None or layer_idx in self.updated:
+            raise HooksMissed(f"layer {layer_idx} was updated outside a forward call the cache was told about")
+        if tuple(step.valid.shape) != (batch, q):
+            raise HooksMissed(f"layer {layer_idx} got {batch}x{q} new tokens, the forward call announced "
+                              f"{tuple(step.valid.shape)}")
+        self.updated.add(layer_idx)
+
+    def take_attention_inputs(self, layer_idx: int) -> AttentionInputs:
+        """This call's attention inputs for the layer, released so no activations outlive the step."""
+        inputs = self.attention_inputs.pop(layer_idx, None)
+        if inputs is None:
+            raise HooksMissed(f"layer {layer_idx} has no attention inputs")
+        return inputs
 
     def rope_angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [*positions.shape, d] (float32) for positions [b, n] (or [b, h, n]), from the model's own rotary
@@ -77,6 +107,8 @@ class SharedState:
         return cos.view(*positions.shape, cos.shape[-1]), sin.view(*positions.shape, sin.shape[-1])
 
     def end_forward(self) -> None:
+        self.step = None
+        self.attention_inputs = {}
         self._step_memo = {}
 
     def span_angles(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +142,6 @@ class CacheLayer(CacheLayerMixin):
         self.seen = 0  # tokens seen by this layer: what `get_seq_length` reports, so positions stay right
         self.dtype: torch.dtype | None = None
         self.batch_size = 0
-        self.attention_inputs: AttentionInputs | None = None
 
     # --- transformers' layer protocol ---
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -142,22 +173,15 @@ class CacheLayer(CacheLayerMixin):
         """What every ``update`` starts with: lazy init, then this call's attention inputs and step inputs."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        attention = self.take_attention_inputs()
-        batch, _, q, _ = key_states.shape
-        return attention, self.step_inputs(batch, q, key_states.device)
+        return self.take_attention_inputs(), self.step_inputs()
 
-    def step_inputs(self, batch: int, q: int, device) -> StepInputs:
-        """The current call's positions and padding mask; defaults when no hook told us (no padding)."""
-        step = self.shared.step
-        if step is not None and step.valid.shape == (batch, q):
-            return step
-        positions = torch.arange(self.seen, self.seen + q, device=device).expand(batch, q)
-        return StepInputs(positions=positions, valid=torch.ones(batch, q, dtype=torch.bool, device=device))
+    def step_inputs(self) -> StepInputs:
+        """The current call's positions and padding mask (the cache checked the hooks announced them)."""
+        return self.shared.step
 
-    def take_attention_inputs(self) -> AttentionInputs | None:
+    def take_attention_inputs(self) -> AttentionInputs:
         """The attention inputs of this call, released so no activations outlive the step."""
-        inputs, self.attention_inputs = self.attention_inputs, None
-        return inputs
+        return self.shared.take_attention_inputs(self.layer_idx)
 
     def segments(self) -> dict[str, int]:
         """Bytes held per named segment (e.g. ``anchors``, ``body``, ``bases``)."""
@@ -191,9 +215,7 @@ class FullLayer(CacheLayer):
         self.keys = self.values = None
 
     def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self.take_attention_inputs()
+        self.begin_update(key_states, value_states)
         if self.keys is None:
             self.keys, self.values = key_states, value_states
         else:
@@ -227,9 +249,10 @@ class ObserverLayer(CacheLayer):
 
 def observe_forward(model, input_ids: torch.Tensor, observe, *, method: str) -> None:
     """One forward pass of ``model`` on ``input_ids`` [b, n] with every layer an ``ObserverLayer``."""
-    cache = CompressedCache(model, lambda i, shared: ObserverLayer(i, shared, observe), method=method, config={})
-    with torch.no_grad():
-        model(input_ids=input_ids.to(next(model.parameters()).device), past_key_values=cache, use_cache=True)
+    plan = LayerPlan(lambda i, shared: ObserverLayer(i, shared, observe), track_positions=False, config={})
+    with CompressedCache(model, plan, method=method) as cache, torch.no_grad():
+        ids = input_ids.to(next(model.parameters()).device)
+        model(input_ids=ids, use_cache=True, **cache_kwargs(model, cache))
 
 
 class SlidingWindowLayer(FullLayer):
@@ -261,22 +284,101 @@ class SlidingWindowLayer(FullLayer):
         return nbytes(self.keys, self.values)  # DynamicCache holds exactly the same window
 
 
-class CompressedCache(Cache):
-    """A KV cache for ``model.generate(past_key_values=...)`` or hand-written loops, one layer object per layer.
+@dataclass
+class LayerPlan:
+    """How a cache's layers are made: ``factory(layer_idx, shared)`` for each global-attention layer, whether
+    token positions are stored for all layers, and the method's knobs (reported as ``cache.config``)."""
 
-    Build it with ``ojakv.make_cache(model, method=..., **knobs)``; ``memory()`` reports what it holds.
+    factory: Callable[[int, SharedState], CacheLayer]
+    track_positions: bool
+    config: dict
+
+
+class PendingLayer(CacheLayer):
+    """Stands in for a layer until the prompt arrives, when a budget becomes knobs and the real layers are made."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise HooksMissed(f"layer {self.layer_idx} was never built")
+
+    def segments(self) -> dict[str, int]:
+        return {}
+
+
+def _release_all(releases: list) -> None:
+    while releases:
+        releases.pop()()
+
+
+class CompressedCache(HookedCache):
+    """A KV cache for ``model.generate`` or hand-written loops, one layer object per layer.
+
+    Build it with ``ojakv.make_cache(model, method=..., **knobs)``; ``memory()`` reports what it holds. Give either
+    ``plan`` (layers made now) or ``plan_for_prompt(prompt_tokens) -> LayerPlan`` (made at the first forward call,
+    when the prompt's length is known: how ``budget=`` is resolved).
     """
 
-    def __init__(self, model, layer_factory, *, method: str, config: dict, track_positions: bool = False):
-        install_hooks(model)
-        self.shared = SharedState(model, track_positions)
-        layers = [SlidingWindowLayer(i, self.shared, window) if window else layer_factory(i, self.shared)
-                  for i, window in enumerate(sliding_windows(model))]
-        if any(getattr(layer, "latent", False) for layer in layers):
-            latent_attention.enable(model)
-        super().__init__(layers=layers)
+    def __init__(self, model, plan: LayerPlan | None = None, *, method: str,
+                 plan_for_prompt: Callable[[int], LayerPlan] | None = None):
+        if (plan is None) == (plan_for_prompt is None):
+            raise ValueError("give exactly one of plan and plan_for_prompt")
         self.method = method
-        self.config = config
+        self._model = model
+        self._windows = sliding_windows(model)
+        self._releases: list = [attach(model)]
+        self._finalizer = weakref.finalize(self, _release_all, self._releases)
+        self._plan_for_prompt = plan_for_prompt
+        if plan is not None:
+            layers = self._build(plan)
+        else:
+            self.shared, self.config = SharedState(model, track_positions=False), {}
+            layers = [PendingLayer(i, self.shared) for i in range(len(self._windows))]
+        super().__init__(layers=layers)
+
+    def _build(self, plan: LayerPlan) -> list[CacheLayer]:
+        self.shared = SharedState(self._model, plan.track_positions)
+        self.config = plan.config
+        layers = [SlidingWindowLayer(i, self.shared, window) if window else plan.factory(i, self.shared)
+                  for i, window in enumerate(self._windows)]
+        if any(getattr(layer, "latent", False) for layer in layers):
+            self._releases.append(attach(self._model, latent_attention=True))
+        return layers
+
+    # --- lifetime ---------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Take this cache's hooks off the model (and give it back its attention implementation if this was the
+        last cache using latent attention). Idempotent; a closed cache refuses further forward calls."""
+        self._finalizer()
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def __enter__(self) -> "CompressedCache":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.close()
+        return False
+
+    # --- what the hooks tell ----------------------------------------------------------------------------------
+    def begin_forward(self, attention_mask, position_ids, batch: int, q: int, device) -> None:
+        if self.closed:
+            raise OjaKVError("this cache was closed: make a new one with ojakv.make_cache(model, ...)")
+        if self._plan_for_prompt is not None:
+            plan, self._plan_for_prompt = self._plan_for_prompt(q), None
+            self.layers[:] = self._build(plan)
+        self.shared.begin_forward(attention_mask, position_ids, batch, q, device)
+
+    def receive_attention_inputs(self, layer_idx: int, inputs: AttentionInputs) -> None:
+        self.shared.attention_inputs[layer_idx] = inputs
+
+    def returned_length(self, layer_idx: int) -> int:
+        return self.layers[layer_idx].returned_length()
+
+    # --- transformers' cache protocol -------------------------------------------------------------------------
+    @property
+    def is_compileable(self) -> bool:
+        return False
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].get_seq_length()
@@ -292,10 +394,9 @@ class CompressedCache(Cache):
         longest = max(layer.returned_length() for layer in self.layers if not layer.is_sliding)
         return longest + query_length, self.layers[0].seen - longest
 
-    def begin_forward(self, attention_mask, position_ids, batch: int, q: int, device) -> None:
-        self.shared.begin_forward(attention_mask, position_ids, batch, q, device)
-
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        batch, _, q, _ = key_states.shape
+        self.shared.check_step(layer_idx, batch, q)
         out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         if layer_idx == len(self.layers) - 1:
             self.shared.end_forward()  # nothing computed for this step outlives it
@@ -307,53 +408,3 @@ class CompressedCache(Cache):
             per_layer=[layer.segments() for layer in self.layers],
             shared=self.shared.memory(),
         )
-
-
-# --- hooks -----------------------------------------------------------------------------------------------
-
-_HOOKED = "_ojakv_hooks_installed"
-
-
-def _model_pre_hook(module, args, kwargs):
-    cache = kwargs.get("past_key_values")
-    if not isinstance(cache, CompressedCache):
-        return None
-    tokens = kwargs.get("input_ids")
-    if tokens is None and args:
-        tokens = args[0]
-    if tokens is None:
-        tokens = kwargs.get("inputs_embeds")
-    if tokens is None:
-        return None
-    batch, q = tokens.shape[0], tokens.shape[1]
-    cache.begin_forward(kwargs.get("attention_mask"), kwargs.get("position_ids"), batch, q, tokens.device)
-    return None
-
-
-def _attention_pre_hook(module, args, kwargs):
-    cache = kwargs.get("past_key_values")
-    if not isinstance(cache, CompressedCache):
-        return None
-    hidden = kwargs.get("hidden_states", args[0] if args else None)
-    angles = kwargs.get("position_embeddings")
-    if hidden is None or angles is None:
-        return None
-    cos, sin = angles
-    layer = cache.layers[module.layer_idx]
-    layer.attention_inputs = AttentionInputs(module, hidden, cos, sin)
-    mask = kwargs.get("attention_mask")
-    if isinstance(mask, torch.Tensor) and mask.dim() == 4:
-        length = layer.returned_length() + hidden.shape[1]
-        if mask.shape[-1] > length:  # this layer keeps fewer tokens than the longest: its columns are the last
-            return args, {**kwargs, "attention_mask": mask[..., -length:]}
-    return None
-
-
-def install_hooks(model) -> None:
-    """Attach the two pre-hooks once per model (idempotent; they are inert for other caches)."""
-    if getattr(model, _HOOKED, False):
-        return
-    base_model(model).register_forward_pre_hook(_model_pre_hook, with_kwargs=True)
-    for attention in attention_modules(model):
-        attention.register_forward_pre_hook(_attention_pre_hook, with_kwargs=True)
-    setattr(model, _HOOKED, True)

@@ -26,7 +26,8 @@ from .artefact import ArtefactKind
 from .atomic import atomic_path
 from .cache import observe_forward
 from .errors import OjaKVError
-from .models import attention_modules, compute_queries, fingerprint, geometry, kv_projection_weights
+from .hf import attention_modules, compute_queries, geometry, kv_projection_weights
+from .models import fingerprint
 from .rope import undo_rope
 from .subspace import covariance, eigh_descending
 
@@ -61,10 +62,7 @@ def _collect(sums: dict):
         weight = step.valid.clone()
         weight[:, :SKIP_FIRST] = False
         weight = weight.unsqueeze(1).expand(-1, key_states.shape[1], -1)
-        if attention is not None:
-            cos, sin = attention.cos, attention.sin
-        else:
-            cos, sin = layer.shared.rope_angles(step.positions)
+        cos, sin = attention.cos, attention.sin
         features = {
             "k_post": key_states.float(),
             "k_pre": undo_rope(key_states.float(), cos.float(), sin.float()),

@@ -184,7 +184,7 @@ def _check_device(device: str) -> None:
 
 
 def _check_context(model, prompt_tokens: int, new_tokens: int, prompt_flag: str, new_flag: str) -> None:
-    from .models import geometry
+    from .hf import geometry
 
     limit = geometry(model).max_context
     if prompt_tokens + new_tokens > limit:
@@ -260,7 +260,8 @@ def _generate(args) -> int:
     import torch
 
     from .api import make_cache
-    from .methods import get_method, knobs_for_budget
+    from .hf import cache_kwargs
+    from .methods import check_budget, get_method
     from .models import load_model
 
     spec = get_method(args.method)
@@ -268,8 +269,8 @@ def _generate(args) -> int:
     spec.make_config(**knobs)  # validate before the model loads: bad input fails fast
     if args.max_new_tokens < 1:
         raise OjaKVError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.budget is not None and not 0.0 < args.budget <= 1.0:
-        raise OjaKVError(f"--budget is a fraction of the full cache in (0, 1], got {args.budget}")
+    if args.budget is not None:
+        check_budget(args.method, args.budget, knobs)
     text = _user_text(args)  # read and checked before the model loads: bad input fails fast
     _check_output_file(args.json_out, "--json")
     model, tokenizer = load_model(args.model)
@@ -277,12 +278,10 @@ def _generate(args) -> int:
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     n_prompt = ids.input_ids.shape[1]
     _check_context(model, n_prompt, args.max_new_tokens, "the prompt", "--max-new-tokens")
-    if args.budget is not None:
-        knobs = knobs_for_budget(args.method, knobs, model, n_prompt, args.max_new_tokens, args.budget)
-    cache = make_cache(model, args.method, **knobs)
-    with torch.no_grad():
-        out = model.generate(**ids, past_key_values=cache, max_new_tokens=args.max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
+    budget = {} if args.budget is None else {"budget": args.budget, "new_tokens": args.max_new_tokens}
+    with make_cache(model, args.method, **budget, **knobs) as cache, torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, **cache_kwargs(model, cache))
     completion = tokenizer.decode(out[0, n_prompt:], skip_special_tokens=True)
     report = cache.memory()
     print(completion)
@@ -290,6 +289,8 @@ def _generate(args) -> int:
         print(f"\n[pass key expected: {expected}; found: {'yes' if expected in completion else 'no'}]")
     print(f"\nKV cache after {cache.get_seq_length()} tokens, method {args.method}:")
     print(report.table())
+    from .methods import BUDGET_TOLERANCE
+
     if args.budget is not None and abs(report.ratio - args.budget) > BUDGET_TOLERANCE:
         print(f"ojakv: note: {args.method} holds {report.ratio:.2f} of the full cache, not --budget {args.budget}: "
               f"its fixed parts ({_fixed_parts(cache.config)}) set a floor; lower them or raise --budget", file=sys.stderr)
@@ -301,9 +302,6 @@ def _generate(args) -> int:
             record["correct"] = expected in completion
         _write_json(args.json_out, record)
     return 0
-
-
-BUDGET_TOLERANCE = 0.02  # as `ojakv eval`: a run further than this from its budget says so
 
 
 def _fixed_parts(knobs: dict) -> str:

@@ -32,7 +32,8 @@ from tqdm import tqdm
 from .api import make_cache
 from .errors import OjaKVError
 from .methods import get_method, parse_value
-from .models import EMBEDDED, check_supported, converted_folder, load_model
+from .hf import cache_keyword, check_supported
+from .models import EMBEDDED, converted_folder, load_model
 
 # `pretrained=embedded` is the embedded default model.
 EMBEDDED_ALIAS = "embedded"
@@ -95,14 +96,14 @@ class OjaKVLM(HFLM):
         prompt it compresses; the rest go in one more call that attends to the compressed prompt."""
         if attn_mask is not None or labels is not None:
             raise OjaKVError("lm-eval model ojakv serves decoder-only models: use a causal LM")
-        cache = self.make_cache()
         split = prompt_length or inps.shape[1]
         autocast = torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
                                   enabled=self.mixed_precision_dtype is not None)
-        with torch.no_grad(), autocast:
-            logits = [self.model(inps[:, :split], past_key_values=cache).logits]
+        with self.make_cache() as cache, torch.no_grad(), autocast:
+            kv = {cache_keyword(type(self.model)): cache}
+            logits = [self.model(inps[:, :split], **kv).logits]
             if split < inps.shape[1]:
-                logits.append(self.model(inps[:, split:], past_key_values=cache).logits)
+                logits.append(self.model(inps[:, split:], **kv).logits)
         return torch.cat(logits, dim=1)
 
     def _score(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
@@ -128,5 +129,6 @@ class OjaKVLM(HFLM):
 
     # --- generation --------------------------------------------------------------------------------------------
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
-        generation_kwargs["past_key_values"] = self.make_cache()
-        return super()._model_generate(context, max_length, stop, **generation_kwargs)
+        with self.make_cache() as cache:
+            generation_kwargs[cache_keyword(type(self.model))] = cache
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)

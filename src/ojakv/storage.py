@@ -12,6 +12,17 @@ GROWTH = 1.03
 MIN_GROWTH = 16  # tokens
 
 
+def growth_slack(stored: int, appended: int) -> int:
+    """Spare token slots a ``GrowableTensor`` ends with when it is filled with ``stored`` tokens at once and then
+    given ``appended`` more one at a time: what a byte budget must leave room for."""
+    capacity = length = max(stored, 1)
+    while length + appended > capacity:
+        appended -= capacity - length
+        length = capacity
+        capacity = max(length + 1, int(capacity * GROWTH), capacity + MIN_GROWTH)
+    return capacity - length - appended
+
+
 class GrowableTensor:
     """A tensor ``[*lead, n, *tail]`` that grows along dimension ``dim`` (the token axis).
 

@@ -16,6 +16,7 @@ from statistics import median
 import torch
 
 from ..api import make_cache
+from ..hf import cache_kwargs
 from ..data import essay_text
 from .runner import MethodSpec
 
@@ -71,15 +72,16 @@ def _sync(device):
 def _one_run(model, spec: MethodSpec, ids: torch.Tensor, decode_tokens: int) -> dict:
     device = ids.device
     cache = make_cache(model, spec.name, **dict(spec.knobs))
-    with torch.no_grad(), PeakMemory(device) as peak:
+    kv = cache_kwargs(model, cache)
+    with cache, torch.no_grad(), PeakMemory(device) as peak:
         start = time.perf_counter()
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(input_ids=ids, use_cache=True, **kv).logits[:, -1]
         _sync(device)
         prefill = time.perf_counter() - start
         token = logits.argmax(-1, keepdim=True)
         start = time.perf_counter()
         for _ in range(decode_tokens):
-            token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+            token = model(input_ids=token, use_cache=True, **kv).logits[:, -1].argmax(-1, keepdim=True)
         _sync(device)
         decode = time.perf_counter() - start
     update = sum(getattr(layer, "update_seconds", 0.0) for layer in cache.layers)

@@ -19,8 +19,9 @@ from tqdm.auto import tqdm
 from ..api import make_cache
 from ..atomic import atomic_path
 from ..errors import OjaKVError
-from ..methods import get_method, knobs_for_budget, parse_value
-from ..models import geometry
+from ..hf import cache_kwargs
+from ..methods import UnreachableBudget, get_method, parse_value
+from ..hf import geometry
 from .tasks import expand_tasks, make_sample, string_match_all
 
 PLACEMENTS = ("after", "inside")  # question after the compressed context / inside the compressed prompt
@@ -48,18 +49,12 @@ class MethodSpec:
         method.make_config(**dict(knobs))  # fail fast on a bad knob
         return cls(text.strip(), name, tuple(knobs))
 
-    def knobs_for(self, model, prompt_tokens: int, new_tokens: int, budget: float | None) -> dict:
-        """The method's knobs, with its size knobs set for ``budget`` (raises UnreachableBudget if it cannot)."""
+    def make_cache(self, model, budget: float | None, new_tokens: int):
+        """A cache of this method; with a budget, its size knobs are set when it sees the prompt (raising
+        ``UnreachableBudget`` there if the method cannot hold that little)."""
         if budget is None:
-            return dict(self.knobs)
-        try:
-            return knobs_for_budget(self.name, dict(self.knobs), model, prompt_tokens, new_tokens, budget)
-        except OjaKVError as error:
-            raise UnreachableBudget(str(error)) from error
-
-
-class UnreachableBudget(OjaKVError):
-    """A method's knobs cannot bring it to the budget asked (e.g. cross-layer sharing has a floor)."""
+            return make_cache(model, self.name, **dict(self.knobs))
+        return make_cache(model, self.name, budget=budget, new_tokens=new_tokens, **dict(self.knobs))
 
 
 def _key(record: dict) -> tuple:
@@ -123,10 +118,10 @@ def run_sweep(model, tokenizer, specs: list[MethodSpec], *, tasks: list[str], le
     return path
 
 
-def _base_record(spec, budget, task, length, placement, index, cache, knobs, seconds) -> dict:
+def _base_record(spec, budget, task, length, placement, index, cache, seconds) -> dict:
     report = cache.memory()
     return {"method": spec.label, "budget": budget, "task": task, "length": length, "placement": placement,
-            "index": index, "knobs": knobs, "held_bytes": report.held_bytes, "full_bytes": report.full_bytes,
+            "index": index, "knobs": cache.config, "held_bytes": report.held_bytes, "full_bytes": report.full_bytes,
             "held_ratio": report.ratio, "seconds": round(seconds, 3)}
 
 
@@ -134,16 +129,17 @@ def _generate(model, tokenizer, spec, budget, sample, placement, max_new_tokens)
     context = tokenizer(sample.context, add_special_tokens=False).input_ids
     question = tokenizer(sample.question, add_special_tokens=False).input_ids
     ids = torch.tensor([context + question], device=model.device)
-    knobs = spec.knobs_for(model, ids.shape[1], max_new_tokens, budget)
-    cache = make_cache(model, spec.name, **knobs)
     start = time.perf_counter()
-    with torch.no_grad():
+    # The budget covers every token cached: the prompt (context and question) and the answer.
+    prompt_tokens = len(context) if placement == "after" else ids.shape[1]
+    new_tokens = ids.shape[1] - prompt_tokens + max_new_tokens
+    with spec.make_cache(model, budget, new_tokens) as cache, torch.no_grad():
         if placement == "after":  # the compressor sees the context alone; the question arrives afterwards
-            model(input_ids=ids[:, : len(context)], past_key_values=cache, use_cache=True)
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
-                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            model(input_ids=ids[:, : len(context)], use_cache=True, **cache_kwargs(model, cache))
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id, **cache_kwargs(model, cache))
     completion = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-    record = _base_record(spec, budget, sample.task, sample.length, placement, sample.index, cache, knobs,
+    record = _base_record(spec, budget, sample.task, sample.length, placement, sample.index, cache,
                           time.perf_counter() - start)
     record.update(score=string_match_all(completion, sample.answers), completion=completion,
                   answers=sample.answers, meta=sample.meta)
@@ -159,14 +155,13 @@ def _perplexity(model, tokenizer, spec, budget, length, index, seed) -> dict:
     total = length + PPL_CONTINUATION
     start_at = (index * 7919 + seed * 104729) % max(1, len(ids) - total)
     ids = torch.tensor([ids[start_at : start_at + total]], device=model.device)
-    knobs = spec.knobs_for(model, length, PPL_CONTINUATION, budget)
-    cache = make_cache(model, spec.name, **knobs)
     nll, start = 0.0, time.perf_counter()
-    with torch.no_grad():
-        logits = model(input_ids=ids[:, :length], past_key_values=cache, use_cache=True).logits[:, -1]
+    with spec.make_cache(model, budget, PPL_CONTINUATION) as cache, torch.no_grad():
+        kv = cache_kwargs(model, cache)
+        logits = model(input_ids=ids[:, :length], use_cache=True, **kv).logits[:, -1]
         for t in range(length, total):
             nll -= torch.log_softmax(logits.float(), -1)[0, ids[0, t]].item()
-            logits = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits[:, -1]
-    record = _base_record(spec, budget, "ppl", length, "after", index, cache, knobs, time.perf_counter() - start)
+            logits = model(input_ids=ids[:, t : t + 1], use_cache=True, **kv).logits[:, -1]
+    record = _base_record(spec, budget, "ppl", length, "after", index, cache, time.perf_counter() - start)
     record.update(score=math.exp(nll / PPL_CONTINUATION))
     return record

@@ -14,15 +14,41 @@ from typing import Any, Callable
 from ..errors import OjaKVError
 
 
+BUDGET_TOLERANCE = 0.02  # a method may hold this much more than a budget (its knobs are discrete)
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """What a method's ``for_budget`` finds: its size knobs for a budget, the held ratio they are predicted to
+    give, and the least this method can hold for the prompt (``floor``), with what sets that floor."""
+
+    knobs: dict
+    predicted: float
+    floor: float
+    floor_reason: str = "its fixed parts"
+
+
+def largest_within(settings, ratio: Callable[[Any], float], budget: float):
+    """The last of ``settings`` (ordered from least to most held) whose ``ratio`` stays within ``budget``, or the
+    first if none does (the caller then reports the floor)."""
+    settings = list(settings)
+    fitting = [setting for setting in settings if ratio(setting) <= budget]
+    return fitting[-1] if fitting else settings[0]
+
+
+class UnreachableBudget(OjaKVError):
+    """A method's knobs cannot bring it down to the budget asked."""
+
+
 @dataclass(frozen=True)
 class Method:
     """A registered compression method.
 
     ``build(model, config)`` returns ``(layer_factory, track_positions)``: a callable ``(layer_idx, shared) ->
     CacheLayer`` and whether the layers need token positions stored (to re-apply RoPE at reconstruction).
-    ``for_budget(knobs, geometry, prompt_tokens, new_tokens, dtype_bytes, budget)``, where a method has one,
-    returns the knobs (its own: a rank, a token capacity) whose held bytes, once the prompt and the new tokens
-    are cached, come closest to ``budget`` × the full cache's.
+    ``for_budget(knobs, geometry, prompt_tokens, new_tokens, dtype_bytes, budget) -> Sizing``, where a method
+    has one, finds the ``size_knobs`` (a rank, a token capacity, a bit width) whose held bytes, once the prompt
+    and the new tokens are cached, come closest to ``budget`` × the full cache's.
     """
 
     name: str
@@ -30,7 +56,8 @@ class Method:
     config_class: type
     build: Callable[[Any, Any], tuple[Callable, bool]]
     reference: str = ""
-    for_budget: Callable[..., dict] | None = None
+    for_budget: Callable[..., Sizing] | None = None
+    size_knobs: tuple[str, ...] = ()
 
     def knobs(self) -> list[dict]:
         return [
@@ -52,19 +79,38 @@ class Method:
         return config
 
 
-def knobs_for_budget(name: str, knobs: dict, model, prompt_tokens: int, new_tokens: int, budget: float) -> dict:
-    """``knobs`` plus the method's own size knobs for a held-bytes budget (unchanged if it has no size knob)."""
-    import torch
+def check_budget(name: str, budget: float, knobs: dict) -> Method:
+    """The method, if a budget can size it: a number in (0, 1], a method with size knobs, none of them given."""
+    import math
 
-    from ..models import geometry
-
-    if not 0.0 < budget <= 1.0:
-        raise OjaKVError(f"a budget is a fraction of the full cache in (0, 1], got {budget}")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) \
+            or not 0.0 < budget <= 1.0:
+        raise OjaKVError(f"a budget is a fraction of the full cache in (0, 1], got {budget!r}")
     method = get_method(name)
     if method.for_budget is None:
-        return dict(knobs)
+        raise OjaKVError(f"method {name!r} has no size knob a budget could set: leave budget out")
+    clash = sorted(set(knobs) & set(method.size_knobs))
+    if clash:
+        raise OjaKVError(f"a budget sets {name}'s {', '.join(method.size_knobs)}: give the budget or "
+                         f"{', '.join(clash)}, not both")
+    return method
+
+
+def knobs_for_budget(name: str, knobs: dict, model, prompt_tokens: int, new_tokens: int, budget: float) -> dict:
+    """``knobs`` plus the method's size knobs for a held-bytes budget, once ``prompt_tokens`` and ``new_tokens``
+    are cached. Raises ``UnreachableBudget`` (naming the floor) when the method cannot hold as little."""
+    import torch
+
+    from ..hf import geometry
+
+    method = check_budget(name, budget, knobs)
     element = torch.empty(0, dtype=next(model.parameters()).dtype).element_size()
-    return {**knobs, **method.for_budget(knobs, geometry(model), prompt_tokens, new_tokens, element, budget)}
+    sizing = method.for_budget(dict(knobs), geometry(model), prompt_tokens, new_tokens, element, budget)
+    if sizing.predicted > budget + BUDGET_TOLERANCE:
+        raise UnreachableBudget(
+            f"{name} cannot hold {budget} of the full cache for {prompt_tokens} + {new_tokens} tokens: the least it "
+            f"holds is {sizing.floor:.3f} ({sizing.floor_reason}); use a budget of at least {sizing.floor:.2f}")
+    return {**knobs, **sizing.knobs}
 
 
 _REGISTRY: dict[str, Method] = {}

@@ -17,7 +17,7 @@ import torch
 
 from ..cache import SharedState, StepInputs
 from ..storage import GrowableTensor
-from . import Method, knob, register
+from . import Method, Sizing, knob, largest_within, register
 from .ojakv import OjaKVConfig, OjaKVLayer, budget_to_rank, build_low_rank, held_bytes_per_head
 from .snapkv import SnapKVConfig, SnapKVLayer
 
@@ -54,7 +54,7 @@ class SelectedLowRankLayer(OjaKVLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         b, h, q, _ = key_states.shape
         if self.seen:
-            positions = self.step_inputs(b, q, key_states.device).positions
+            positions = self.step_inputs().positions
             self.held_positions.append(positions.unsqueeze(1).expand(b, h, q).to(torch.int32))
             return super().update(key_states, value_states, *args, **kwargs)
         attention, step = self.begin_update(key_states, value_states)
@@ -81,7 +81,7 @@ def _build(model, config: SnapKVOjaKVConfig):
     return factory, False
 
 
-def _for_budget(knobs, geometry, prompt_tokens, new_tokens, dtype_bytes, budget):
+def _for_budget(knobs, geometry, prompt_tokens, new_tokens, dtype_bytes, budget) -> Sizing:
     """Keep every token and lower the rank while the budget allows it (selection only costs accuracy); below
     what the rank given (0.5 by default) holds for all tokens, keep that rank and select fewer tokens."""
     config = SnapKVOjaKVConfig(**knobs)
@@ -90,16 +90,18 @@ def _for_budget(knobs, geometry, prompt_tokens, new_tokens, dtype_bytes, budget)
     full = 2 * n_tokens * geometry.head_dim * dtype_bytes
 
     def ratio(kept: int) -> float:
-        return held_bytes_per_head(config, geometry, kept + new_tokens, rank, dtype_bytes, 4) / full
+        return held_bytes_per_head(config, geometry, kept, new_tokens, rank, dtype_bytes, 4) / full
 
+    fewest = max(1, config.window)
+    floor_reason = f"{fewest} tokens at rank {rank}, plus anchors, bases and Oja statistics"
     if ratio(prompt_tokens) <= budget:
         low_rank = budget_to_rank(SnapKVOjaKVConfig)(knobs, geometry, prompt_tokens, new_tokens, dtype_bytes, budget)
-        return {**low_rank, "capacity": prompt_tokens}
-    fewest = max(1, config.window)
-    capacity = min(range(fewest, prompt_tokens + 1), key=lambda kept: abs(ratio(kept) - budget))
-    return {"rank": rank, "rank_ratio": None, "energy": None, "capacity": capacity,
-            "window": min(config.window, capacity)}
+        return Sizing({**low_rank.knobs, "capacity": prompt_tokens}, low_rank.predicted, ratio(fewest), floor_reason)
+    capacity = largest_within(range(fewest, prompt_tokens + 1), ratio, budget)
+    return Sizing({"rank": rank, "rank_ratio": None, "energy": None, "capacity": capacity,
+                   "window": min(config.window, capacity)}, ratio(capacity), ratio(fewest), floor_reason)
 
 register(Method(name="snapkv+ojakv", summary="SnapKV picks each head's prompt tokens, OjaKV stores them low-rank",
                 config_class=SnapKVOjaKVConfig, build=_build, for_budget=_for_budget,
+                size_knobs=("capacity", "rank", "rank_ratio", "energy"),
                 reference="Li et al. arXiv 2404.14469 + Zhu et al. arXiv 2509.21623 (composition)"))

@@ -20,8 +20,9 @@ import torch
 
 from ..errors import OjaKVError
 from ..memory import nbytes
-from . import Method, knob, register
-from .selection import SelectionLayer, attention_votes, current_attention, top_tokens_with_window
+from . import Method, Sizing, knob, largest_within, register
+from .selection import SelectionLayer, attention_votes, current_attention, held_tokens, top_tokens_with_window
+from .snapkv import capacity_for_budget, kept_fraction
 
 
 @dataclass
@@ -96,23 +97,32 @@ class H2OPrefillLayer(SelectionLayer):
         return top_tokens_with_window(votes, step, self.config.capacity, self.config.recent)
 
 
-def _h2o_budget(knobs, geometry, prompt_tokens, new_tokens, dtype_bytes, budget):
+def _h2o_budget(knobs, geometry, prompt_tokens, new_tokens, dtype_bytes, budget) -> Sizing:
     # Constant size while decoding: heavy + recent tokens, split evenly as in the reference runs. The float32
     # scores cost (4 / (2 d s)) of a token each, which is counted in the held bytes.
-    total = max(2, round(budget * (prompt_tokens + new_tokens) / (1 + 4 / (2 * geometry.head_dim * dtype_bytes))))
-    return {"heavy": total // 2, "recent": total - total // 2}
+    n = prompt_tokens + new_tokens
+    scores = 4 / (2 * geometry.head_dim * dtype_bytes)  # a float32 score per kept token, in token units
+
+    def ratio(total: int) -> float:
+        return (held_tokens(total, prompt_tokens, new_tokens) + scores * min(n, total + 1)) / n
+
+    total = largest_within(range(2, n + 1), ratio, budget)
+    return Sizing({"heavy": total // 2, "recent": total - total // 2}, ratio(total), ratio(2),
+                  "one heavy and one recent token")
 
 
-def _h2o_prefill_budget(knobs, geometry, prompt_tokens, new_tokens, dtype_bytes, budget):
-    capacity = max(1, round(budget * (prompt_tokens + new_tokens)) - new_tokens)
-    return {"capacity": capacity, "recent": min(knobs.get("recent", H2OPrefillConfig.recent), capacity)}
+def _h2o_prefill_budget(knobs, geometry, prompt_tokens, new_tokens, dtype_bytes, budget) -> Sizing:
+    capacity = capacity_for_budget(prompt_tokens, new_tokens, budget)
+    return Sizing({"capacity": capacity, "recent": min(knobs.get("recent", H2OPrefillConfig.recent), capacity)},
+                  kept_fraction(capacity, prompt_tokens, new_tokens), kept_fraction(1, prompt_tokens, new_tokens),
+                  "one prompt token, plus every generated one")
 
 
 register(Method(name="h2o", summary="heavy hitters by accumulated attention + recent window; evicts while decoding",
                 config_class=H2OConfig, build=lambda model, config: ((lambda i, s: H2OLayer(i, s, config)), False),
-                reference="Zhang et al., H2O, arXiv 2306.14048", for_budget=_h2o_budget))
+                reference="Zhang et al., H2O, arXiv 2306.14048", for_budget=_h2o_budget, size_knobs=("heavy", "recent")))
 register(Method(name="h2o-prefill", summary="one-shot H2O: prompt tokens by attention received, at prefill only",
                 config_class=H2OPrefillConfig,
                 build=lambda model, config: ((lambda i, s: H2OPrefillLayer(i, s, config)), False),
                 reference="Zhang et al., H2O, arXiv 2306.14048 (one-shot variant of later papers)",
-                for_budget=_h2o_prefill_budget))
+                for_budget=_h2o_prefill_budget, size_knobs=("capacity",)))

@@ -18,9 +18,9 @@ import torch
 from ..cache import CacheLayer, SharedState
 from ..errors import OjaKVError
 from ..memory import nbytes
-from ..models import geometry
+from ..hf import geometry
 from ..quantize import SUPPORTED_BITS, Quantized, dequantize, quantize
-from . import Method, knob, register
+from . import Method, Sizing, knob, largest_within, register
 
 
 @dataclass
@@ -91,7 +91,7 @@ def _build(model, config: KIVIConfig):
     return (lambda i, shared: KIVILayer(i, shared, config)), False
 
 
-def _for_budget(knobs, geometry, prompt_tokens, new_tokens, dtype_bytes, budget):
+def _for_budget(knobs, geometry, prompt_tokens, new_tokens, dtype_bytes, budget) -> Sizing:
     """Bits are discrete: pick the width whose predicted ratio is closest (the eval row says if it misses)."""
     config = KIVIConfig(**{k: v for k, v in knobs.items() if k != "bits"})
     n = prompt_tokens + new_tokens
@@ -102,9 +102,11 @@ def _for_budget(knobs, geometry, prompt_tokens, new_tokens, dtype_bytes, budget)
         per_element = bits / 8 + 4 / g  # codes + float16 scale and minimum per group
         return (full_precision + (2 * n - full_precision) * per_element / dtype_bytes) / (2 * n)
 
-    return {"bits": min(SUPPORTED_BITS, key=lambda bits: abs(ratio(bits) - budget))}
+    bits = largest_within(SUPPORTED_BITS, ratio, budget)
+    return Sizing({"bits": bits}, ratio(bits), ratio(min(SUPPORTED_BITS)),
+                  f"{min(SUPPORTED_BITS)}-bit codes, scales per group of {g} and {r} full-precision recent tokens")
 
 
 register(Method(name="kivi", summary="2/4-bit asymmetric quantization (keys per channel, values per token), packed",
                 config_class=KIVIConfig, build=_build, reference="Liu et al., KIVI, arXiv 2402.02750",
-                for_budget=_for_budget))
+                for_budget=_for_budget, size_knobs=("bits",)))

@@ -26,15 +26,16 @@ from dataclasses import dataclass
 import torch
 
 from .. import attention as latent_attention
+from .. import hf
 from ..cache import AttentionInputs, CacheLayer, SharedState, StepInputs, growable_segments
 from ..errors import OjaKVError
 from ..memory import nbytes
-from ..models import compute_queries
+from ..hf import compute_queries
 from ..rope import apply_rope, undo_rope
 from ..quantize import SUPPORTED_BITS
-from ..storage import GrowableTensor, QuantizedRows
+from ..storage import GrowableTensor, QuantizedRows, growth_slack
 from ..subspace import change_of_basis, covariance, eigh_descending, oja_step, rank_for_energy
-from . import Method, knob, register
+from . import Method, Sizing, knob, largest_within, register
 
 KEY_MODES = ("pre_rope", "post_rope")
 POLICIES = ("positional", "residual")
@@ -169,13 +170,13 @@ class OjaKVLayer(CacheLayer):
         cos, sin = angles()
         return undo_rope(keys.float(), cos.float(), sin.float())
 
-    def _new_token_angles(self, keys: torch.Tensor, step: StepInputs, attention: AttentionInputs | None):
+    def _new_token_angles(self, keys: torch.Tensor, step: StepInputs, attention: AttentionInputs):
         """A callable giving cos/sin of this call's tokens: the ones the attention layer used, when it passed them."""
-        if attention is not None and attention.cos.shape[1] == keys.shape[2]:
+        if attention.cos.shape[1] == keys.shape[2]:
             return lambda: (attention.cos, attention.sin)
         return lambda: self.shared.rope_angles(step.positions)
 
-    def _prefill(self, keys, values, step: StepInputs, attention: AttentionInputs | None):
+    def _prefill(self, keys, values, step: StepInputs, attention: AttentionInputs):
         n = keys.shape[2]
         padding = int((~step.valid).sum(-1).max())
         sink = min(n, self.config.n_sink + padding)
@@ -218,7 +219,7 @@ class OjaKVLayer(CacheLayer):
             basis = oja_step(basis, cov @ basis, self.config.eta_prefill)
         return basis
 
-    def _append(self, keys, values, step: StepInputs, attention: AttentionInputs | None) -> None:
+    def _append(self, keys, values, step: StepInputs, attention: AttentionInputs) -> None:
         """New tokens (decode, or a later prefill chunk): statistics, sink top-up, window, overflow into body."""
         features_k = self._key_features(keys, self._new_token_angles(keys, step, attention))
         weight = step.valid.unsqueeze(1).unsqueeze(-1).float()
@@ -240,7 +241,7 @@ class OjaKVLayer(CacheLayer):
         if self.pending >= self.config.update_interval:
             self._oja_update()
 
-    def _move_to_body(self, count: int, attention: AttentionInputs | None) -> None:
+    def _move_to_body(self, count: int, attention: AttentionInputs) -> None:
         keys, values = self.k_win[:, :, :count], self.v_win[:, :, :count]
         start = self.k_sink.shape[2] + self.k_coef.length
         # The same span leaves every layer's window this step, so its angles are shared (see _body_angles).
@@ -280,8 +281,6 @@ class OjaKVLayer(CacheLayer):
     # --- residual policy ------------------------------------------------------------------------------------
     def _select_exact(self, keys, values, body_start: int, attention, step) -> None:
         """Keep exact K/V for the body tokens with the largest query-weighted key residual |qᵀ(k − k̂)|."""
-        if attention is None:
-            raise OjaKVError("the residual policy needs the model's queries: build the cache with ojakv.make_cache")
         count = keys.shape[2]
         reconstructed = self._reconstruct_keys(self.k_coef.view[:, :, body_start : body_start + count],
                                                self.k_sink.shape[2] + body_start)
@@ -317,9 +316,9 @@ class OjaKVLayer(CacheLayer):
             keys = apply_rope(keys, *self._body_angles(start, coef.shape[2]))
         return keys.to(self.dtype)
 
-    def _takes_latent_path(self, attention: AttentionInputs | None, q: int) -> bool:
-        return (self.latent and attention is not None and q <= latent_attention.MAX_LATENT_QUERIES
-                and self.k_coef.length > 0 and latent_attention.is_enabled(attention.module))
+    def _takes_latent_path(self, attention: AttentionInputs, q: int) -> bool:
+        return (self.latent and q <= latent_attention.MAX_LATENT_QUERIES
+                and self.k_coef.length > 0 and hf.is_latent_enabled(attention.module))
 
     def _latent(self, attention: AttentionInputs, q: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Hand the body to the attention call as coefficients; return only the full-precision tokens."""
@@ -327,7 +326,7 @@ class OjaKVLayer(CacheLayer):
         angles = None
         if self.config.key_mode == "pre_rope":
             angles = self._body_angles(start, body)
-        latent_attention.post_body(attention.module, latent_attention.LowRankBody(
+        hf.post_body(attention.module, latent_attention.LowRankBody(
             start=start, key_coef=self.k_coef.view, value_coef=self.v_coef.view, key_basis=self.u_k,
             value_basis=self.u_v, key_angles=angles, exact_index=self.exact_idx, exact_keys=self.k_exact,
             exact_values=self.v_exact))
@@ -374,9 +373,7 @@ def build_low_rank(model, config: OjaKVConfig, layer_class: type[OjaKVLayer] = N
     """(factory, track_positions): per layer, ranks and starting bases (calibration or weights) for
     ``layer_class`` (OjaKVLayer or a subclass taking the same arguments)."""
     from ..calibration import load_calibration, weight_spectra
-    from ..models import geometry
-
-    head_dim = geometry(model).head_dim
+    head_dim = hf.geometry(model).head_dim
     calibration = None
     if config.init == "calibration":
         calibration = load_calibration(model, config.calibration_file)
@@ -399,34 +396,42 @@ def build_low_rank(model, config: OjaKVConfig, layer_class: type[OjaKVLayer] = N
     return factory, config.key_mode == "pre_rope" and layer_class.uses_shared_positions
 
 
-def held_bytes_per_head(config: OjaKVConfig, geometry, n_tokens: int, rank: int, dtype_bytes: int,
-                        position_bytes: float) -> float:
-    """Predicted bytes one layer and KV head holds for ``n_tokens`` tokens at ``rank`` (the README's formula):
-    anchors and window full, the body as coefficients, bases and Oja statistics in float32, residual tokens,
-    and ``position_bytes`` per token for pre-RoPE positions."""
+def held_bytes_per_head(config: OjaKVConfig, geometry, prompt_tokens: int, new_tokens: int, rank: int,
+                        dtype_bytes: int, position_bytes: float) -> float:
+    """Predicted bytes one layer and KV head holds once ``prompt_tokens`` and then ``new_tokens`` are cached at
+    ``rank`` (the README's formula): anchors and window full, the body as coefficients (with the spare capacity
+    its growth leaves), bases and Oja statistics in float32, residual tokens, and ``position_bytes`` per token for
+    pre-RoPE positions."""
     d, s = geometry.head_dim, dtype_bytes
+    n_tokens = prompt_tokens + new_tokens
     anchors = min(n_tokens, config.n_sink + config.n_recent)
     exact = min(config.n_residual, n_tokens - anchors) if config.policy == "residual" else 0
-    body = 2 * (n_tokens - anchors) * config.coefficient_bytes(rank, s)
+    first_body = max(0, prompt_tokens - anchors)
+    body_slots = n_tokens - anchors + (growth_slack(first_body, n_tokens - anchors - first_body) if first_body else 0)
+    body = 2 * body_slots * config.coefficient_bytes(rank, s)
     positions = position_bytes * n_tokens if config.key_mode == "pre_rope" else 0
     return 2 * anchors * d * s + body + 4 * d * rank * 4 + exact * (2 * d * s + 12) + positions
 
 
-def budget_to_rank(config_class: type):
-    """A ``for_budget`` for low-rank methods: the rank whose predicted held bytes (``held_bytes_per_head`` with this
-    config class's anchors and policy) come closest to the budget."""
+LOW_RANK_SIZE = ("rank", "rank_ratio", "energy")
 
-    def for_budget(knobs, geometry, prompt_tokens, new_tokens, dtype_bytes, budget) -> dict:
+
+def budget_to_rank(config_class: type):
+    """A ``for_budget`` for low-rank methods: the largest rank whose predicted held bytes (``held_bytes_per_head``
+    with this config class's anchors and policy) stay within the budget."""
+
+    def for_budget(knobs, geometry, prompt_tokens, new_tokens, dtype_bytes, budget) -> Sizing:
         config = config_class(**{**knobs, "rank_ratio": 0.5, "rank": None, "energy": None})
-        n_tokens = prompt_tokens + new_tokens
-        full = 2 * n_tokens * geometry.head_dim * dtype_bytes
+        full = 2 * (prompt_tokens + new_tokens) * geometry.head_dim * dtype_bytes
         shared_positions = 4 / (geometry.num_layers * geometry.num_kv_heads)  # int32 per token, once per cache
 
         def ratio(r: int) -> float:
-            return held_bytes_per_head(config, geometry, n_tokens, r, dtype_bytes, shared_positions) / full
+            return held_bytes_per_head(config, geometry, prompt_tokens, new_tokens, r, dtype_bytes,
+                                       shared_positions) / full
 
-        best = min(range(1, geometry.head_dim + 1), key=lambda r: abs(ratio(r) - budget))
-        return {"rank": best, "rank_ratio": None, "energy": None}
+        best = largest_within(range(1, geometry.head_dim + 1), ratio, budget)
+        return Sizing({"rank": best, "rank_ratio": None, "energy": None}, ratio(best), ratio(1),
+                      "rank 1, plus the full-precision anchors and window, bases and Oja statistics")
 
     return for_budget
 
@@ -447,4 +452,5 @@ for name, config_class, summary in (
     ("ojakv+quant", OjaKVQuantConfig, "OjaKV whose body coefficients are stored as packed 4-bit codes"),
 ):
     register(Method(name=name, summary=summary, config_class=config_class, build=build_low_rank,
-                    reference="Zhu et al., OjaKV, arXiv 2509.21623", for_budget=budget_to_rank(config_class)))
+                    reference="Zhu et al., OjaKV, arXiv 2509.21623", for_budget=budget_to_rank(config_class),
+                    size_knobs=LOW_RANK_SIZE))

@@ -44,9 +44,11 @@ from ..atomic import atomic_path
 from ..cache import CacheLayer, SharedState, growable_segments, observe_forward
 from ..errors import OjaKVError
 from ..memory import nbytes
-from ..models import compute_queries, fingerprint, geometry
+from ..hf import compute_queries, geometry
+from ..models import fingerprint
+from ..scores import grouped_logits
 from ..storage import GrowableTensor
-from . import Method, knob, register
+from . import Method, Sizing, knob, largest_within, register
 
 FORMAT_VERSION = "1"
 ARTEFACT = ArtefactKind("pod grouping", FORMAT_VERSION, folder="pod", made="measured",
@@ -55,7 +57,6 @@ ARTEFACT = ArtefactKind("pod grouping", FORMAT_VERSION, folder="pod", made="meas
 SIM_SINK, SIM_WINDOW = 4, 128
 QUERIES_PER_PROMPT = 64  # evenly spaced over the second half of each prompt
 CALIBRATION_PROMPTS, PROMPT_TOKENS = 4, 1024  # about 50 s on 2 CPU cores for SmolLM2-135M
-BUDGET_SLACK = 0.02  # a budget this close to the lowest reachable one is served by the lowest
 
 
 @dataclass
@@ -92,9 +93,8 @@ def distant_attention(keys: torch.Tensor, attention, rows: torch.Tensor) -> torc
     b, h, n, d = keys.shape
     module = attention.module
     queries = compute_queries(module, attention.hidden_states[:, rows], attention.cos[:, rows],
-                              attention.sin[:, rows]).float()
-    scale = getattr(module, "scaling", d**-0.5)
-    logits = queries.view(b, h, -1, len(rows), d) @ keys.float().unsqueeze(2).transpose(-1, -2) * scale
+                              attention.sin[:, rows])
+    logits = grouped_logits(queries, keys, module)
     columns = torch.arange(n, device=keys.device)
     rows = rows.to(keys.device)
     probs = torch.softmax(logits.masked_fill(columns > rows[:, None], float("-inf")), dim=-1).mean(2)
@@ -122,8 +122,6 @@ def attention_similarity(model, ids, *, progress: bool = False) -> torch.Tensor:
         records: dict[int, torch.Tensor] = {}
 
         def record(layer, key_states, value_states, attention, step) -> None:
-            if attention is None:
-                raise OjaKVError("measuring attention needs the model's queries: pass a model ojakv supports")
             records[layer.layer_idx] = distant_attention(key_states, attention, _query_rows(key_states.shape[2]))
 
         observe_forward(model, prompt.view(-1, prompt.shape[-1]), record, method="pod-probe")
@@ -299,7 +297,7 @@ def held_fraction(layers: int, group_size: int, n_tokens: int, proximal: int) ->
     return (layers * n_tokens + groups * n_tokens + (layers - groups) * kept) / (2 * layers * n_tokens)
 
 
-def _for_budget(knobs, geometry, prompt_tokens, new_tokens, dtype_bytes, budget):
+def _for_budget(knobs, geometry, prompt_tokens, new_tokens, dtype_bytes, budget) -> Sizing:
     """A budget sets the group size: ``delta = 0`` (group regardless of similarity, so the bytes are predictable)
     and the ``max_group`` whose held fraction comes closest. Values stay per layer, so below about half the full
     cache (one key copy per head, plus proximal keys) no group size reaches it."""
@@ -310,13 +308,11 @@ def _for_budget(knobs, geometry, prompt_tokens, new_tokens, dtype_bytes, budget)
     def fraction(size: int) -> float:
         return held_fraction(layers, size, n, proximal)
 
-    lowest = fraction(layers)
-    if budget < lowest - BUDGET_SLACK:
-        raise OjaKVError(f"pod cannot hold less than {lowest:.3f} of the full cache here (values stay per layer, "
-                         f"keys at least once per KV head): use a budget of at least {lowest:.2f}")
-    return {"delta": 0.0, "max_group": min(range(1, layers + 1), key=lambda size: abs(fraction(size) - budget))}
+    size = largest_within(range(layers, 0, -1), fraction, budget)  # larger groups hold less
+    return Sizing({"delta": 0.0, "max_group": size}, fraction(size), fraction(layers),
+                  "values stay per layer, keys at least once per KV head")
 
 
 register(Method(name="pod", summary="distant tokens' keys shared across similar consecutive layers (training-free)",
-                config_class=PoDConfig, build=_build, for_budget=_for_budget,
+                config_class=PoDConfig, build=_build, for_budget=_for_budget, size_knobs=("delta", "max_group"),
                 reference="Ma et al., PoD, arXiv 2412.02252 (training-free variant)"))

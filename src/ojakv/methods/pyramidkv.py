@@ -58,4 +58,4 @@ def _build(model, config: PyramidKVConfig):
 
 register(Method(name="pyramidkv", summary="SnapKV selection with layer capacities decreasing linearly with depth",
                 config_class=PyramidKVConfig, build=_build, reference="Cai et al., PyramidKV, arXiv 2406.02069",
-                for_budget=_for_budget))
+                for_budget=_for_budget, size_knobs=("capacity",)))

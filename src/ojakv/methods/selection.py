@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 
 from ..cache import AttentionInputs, CacheLayer, SharedState, StepInputs, growable_segments
-from ..errors import OjaKVError
 from ..memory import nbytes
-from ..models import compute_queries
-from ..storage import GrowableTensor
+from ..hf import compute_queries
+from ..scores import grouped_logits
+from ..storage import GrowableTensor, growth_slack
 
 
 class SelectionLayer(CacheLayer):
@@ -63,7 +63,7 @@ class SelectionLayer(CacheLayer):
         self.after_append(attention)
         return self.returned_keys(self.keys_buf.view, step), self.values_buf.view
 
-    def stored_keys(self, keys: torch.Tensor, attention: AttentionInputs | None) -> torch.Tensor:
+    def stored_keys(self, keys: torch.Tensor, attention: AttentionInputs) -> torch.Tensor:
         """Keys as the buffer keeps them (default: as the model rotated them)."""
         return keys
 
@@ -71,14 +71,14 @@ class SelectionLayer(CacheLayer):
         """Keys handed to attention, held ones and this call's (default: as stored)."""
         return held
 
-    def select(self, keys, values, step: StepInputs, attention: AttentionInputs | None) -> torch.Tensor:
+    def select(self, keys, values, step: StepInputs, attention: AttentionInputs) -> torch.Tensor:
         """Indices [b, h, k] (ascending) of the prompt tokens to keep."""
         raise NotImplementedError
 
     def before_append(self) -> None:
         """Decode-time eviction, at the start of a call (default: keep everything)."""
 
-    def after_append(self, attention: AttentionInputs | None) -> None:
+    def after_append(self, attention: AttentionInputs) -> None:
         """Decode-time scoring of what is held now, new tokens included (default: none)."""
 
     def padding_columns(self) -> torch.Tensor:
@@ -106,7 +106,17 @@ class SelectionLayer(CacheLayer):
                 "padding_count": nbytes(self.held_padding)}
 
 
-def attention_votes(keys: torch.Tensor, attention: AttentionInputs | None, step: StepInputs, n_queries: int,
+def held_tokens(limit: int, prompt_tokens: int, new_tokens: int) -> int:
+    """Token slots an evicting selection layer holds at the end (``limit`` kept across calls, plus the last call's
+    token, plus the spare capacity of the buffer's growth): what its budget must count."""
+    n = prompt_tokens + new_tokens
+    if n <= limit:  # never evicts: the prompt, then appends
+        return n + growth_slack(prompt_tokens, new_tokens)
+    kept = min(limit, prompt_tokens)  # after each eviction the buffer is exact-size, then grows for one token
+    return kept + (1 if new_tokens else 0) + (growth_slack(kept, 1) if new_tokens else 0)
+
+
+def attention_votes(keys: torch.Tensor, attention: AttentionInputs, step: StepInputs, n_queries: int,
                     chunk: int = 256) -> torch.Tensor:
     """Softmax attention that the last ``n_queries`` prompt queries pay to each prompt token (causal, padding
     excluded), summed over those queries and averaged over each KV head's query group: [b, h, n].
@@ -114,20 +124,15 @@ def attention_votes(keys: torch.Tensor, attention: AttentionInputs | None, step:
     SnapKV's observation-window votes (n_queries = window) and H2O's accumulated attention (n_queries = n).
     Queries go in chunks so the scores never hold more than chunk × n per head.
     """
-    if attention is None:
-        raise OjaKVError("token selection needs the model's queries: build the cache with ojakv.make_cache(model, ...)")
     b, h, n, d = keys.shape
     w = min(n_queries, n)
-    keys_t = keys.float().unsqueeze(2).transpose(-1, -2)  # [b, h, 1, d, n]
     positions = torch.arange(n, device=keys.device)
     votes = keys.new_zeros(b, h, n, dtype=torch.float32)
     for start in range(n - w, n, chunk):
         stop = min(start + chunk, n)
         queries = compute_queries(attention.module, attention.hidden_states[:, start:stop],
-                                  attention.cos[:, start:stop], attention.sin[:, start:stop]).float()
-        groups = queries.shape[1] // h
-        logits = _capped(queries.view(b, h, groups, stop - start, d) @ keys_t * _scaling(attention.module, d),
-                         attention.module)
+                                  attention.cos[:, start:stop], attention.sin[:, start:stop])
+        logits = grouped_logits(queries, keys, attention.module)
         causal = positions[None, :] <= positions[start:stop, None]
         logits = logits.masked_fill(~(step.valid[:, None, None, None, :] & causal), float("-inf"))
         probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a padded query row has no visible key
@@ -135,34 +140,20 @@ def attention_votes(keys: torch.Tensor, attention: AttentionInputs | None, step:
     return votes
 
 
-def current_attention(keys: torch.Tensor, attention: AttentionInputs | None, hidden: torch.Tensor,
+def current_attention(keys: torch.Tensor, attention: AttentionInputs, hidden: torch.Tensor,
                       valid: torch.Tensor) -> torch.Tensor:
     """Attention of this step's queries over ``keys`` (the tokens held, this call's last), summed over the
     real queries and averaged over each KV head's group: [b, h, n]. ``hidden`` [b, h, n] marks held padding,
     which receives nothing; ``valid`` [b, q] the call's real tokens; the call's queries are causal among
     themselves."""
-    if attention is None:
-        raise OjaKVError("token selection needs the model's queries: build the cache with ojakv.make_cache(model, ...)")
     b, h, n, d = keys.shape
-    queries = compute_queries(attention.module, attention.hidden_states, attention.cos, attention.sin).float()
-    groups, q = queries.shape[1] // h, queries.shape[2]
-    logits = queries.view(b, h, groups, q, d) @ keys.float().unsqueeze(2).transpose(-1, -2)
-    logits = _capped(logits * _scaling(attention.module, d), attention.module)
+    queries = compute_queries(attention.module, attention.hidden_states, attention.cos, attention.sin)
+    q = queries.shape[2]
+    logits = grouped_logits(queries, keys, attention.module)
     later = torch.arange(n, device=keys.device)[None, :] > torch.arange(n - q, n, device=keys.device)[:, None]
     blocked = later | ~torch.cat([~hidden[..., : n - q], valid[:, None, :].expand(-1, h, -1)], -1)[:, :, None]
     probs = torch.softmax(logits.masked_fill(blocked[:, :, None], float("-inf")), dim=-1).nan_to_num(0.0)
     return probs.mul(valid[:, None, None, :, None]).sum(3).mean(2)
-
-
-def _scaling(module: torch.nn.Module, head_dim: int) -> float:
-    """The model's own score scale (Gemma's query_pre_attn_scalar differs from 1/√d)."""
-    return getattr(module, "scaling", head_dim**-0.5)
-
-
-def _capped(logits: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
-    """Gemma 2's logit soft-capping, as its attention applies it before the softmax."""
-    cap = getattr(module, "attn_logit_softcapping", None)
-    return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 def pool_scores(scores: torch.Tensor, kernel: int, how: str) -> torch.Tensor:

@@ -14,7 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import OjaKVError
-from . import Method, knob, register
+from ..storage import growth_slack
+from . import Method, Sizing, knob, register
 from .selection import SelectionLayer, attention_votes, pool_scores, top_tokens_with_window
 
 
@@ -50,17 +51,27 @@ def _build(model, config: SnapKVConfig):
     return (lambda i, shared: SnapKVLayer(i, shared, config)), False
 
 
+def kept_fraction(kept: int, prompt_tokens: int, new_tokens: int) -> float:
+    """Held / full bytes when ``kept`` prompt tokens stay at full precision and every new token is appended
+    (with the spare capacity the buffer's growth leaves)."""
+    return (kept + new_tokens + growth_slack(kept, new_tokens)) / (prompt_tokens + new_tokens)
+
+
 def capacity_for_budget(prompt_tokens: int, new_tokens: int, budget: float) -> int:
-    """Prompt tokens to keep so that (kept + new) / (prompt + new) meets the budget (new tokens are all kept)."""
-    return max(1, round(budget * (prompt_tokens + new_tokens)) - new_tokens)
+    """The most prompt tokens to keep so that ``kept_fraction`` stays within the budget (at least one)."""
+    capacity = max(1, min(prompt_tokens, int(budget * (prompt_tokens + new_tokens)) - new_tokens))
+    while capacity > 1 and kept_fraction(capacity, prompt_tokens, new_tokens) > budget:
+        capacity -= 1
+    return capacity
 
 
-def _for_budget(knobs, geometry, prompt_tokens, new_tokens, dtype_bytes, budget):
+def _for_budget(knobs, geometry, prompt_tokens, new_tokens, dtype_bytes, budget) -> Sizing:
     capacity = capacity_for_budget(prompt_tokens, new_tokens, budget)
     window = min(knobs.get("window", SnapKVConfig.window), capacity)
-    return {"capacity": capacity, "window": window}
+    return Sizing({"capacity": capacity, "window": window}, kept_fraction(capacity, prompt_tokens, new_tokens),
+                  kept_fraction(1, prompt_tokens, new_tokens), "one prompt token, plus every generated one")
 
 
 register(Method(name="snapkv", summary="prefill-only top-k tokens by observation-window attention (per KV head)",
                 config_class=SnapKVConfig, build=_build, reference="Li et al., SnapKV, arXiv 2404.14469",
-                for_budget=_for_budget))
+                for_budget=_for_budget, size_knobs=("capacity",)))

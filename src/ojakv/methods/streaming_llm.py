@@ -18,7 +18,8 @@ import torch
 
 from ..errors import OjaKVError
 from ..rope import apply_rope, undo_rope
-from . import Method, knob, register
+from . import Method, Sizing, knob, largest_within, register
+from .selection import held_tokens
 from .selection import SelectionLayer
 
 
@@ -58,8 +59,6 @@ class StreamingLLMLayer(SelectionLayer):
     def stored_keys(self, keys, attention):
         if not self.config.rerotate:
             return keys
-        if attention is None:
-            raise OjaKVError("rerotate needs the RoPE angles: build the cache with ojakv.make_cache(model, ...)")
         return undo_rope(keys, attention.cos, attention.sin)
 
     def returned_keys(self, held, step):
@@ -85,11 +84,17 @@ def _build(model, config: StreamingLLMConfig):
     return (lambda i, shared: StreamingLLMLayer(i, shared, config)), False
 
 
-def _for_budget(knobs, geometry, prompt_tokens, new_tokens, dtype_bytes, budget):
+def _for_budget(knobs, geometry, prompt_tokens, new_tokens, dtype_bytes, budget) -> Sizing:
     n_sink = knobs.get("n_sink", StreamingLLMConfig.n_sink)
-    return {"window": max(1, round(budget * (prompt_tokens + new_tokens)) - n_sink)}
+    n = prompt_tokens + new_tokens
+
+    def ratio(window: int) -> float:
+        return held_tokens(n_sink + window, prompt_tokens, new_tokens) / n
+
+    window = largest_within(range(1, n + 1), ratio, budget)
+    return Sizing({"window": window}, ratio(window), ratio(1), f"the {n_sink} sink tokens and a window of one")
 
 
 register(Method(name="streaming-llm", summary="attention sinks + a sliding window; evicts while decoding",
                 config_class=StreamingLLMConfig, build=_build, reference="Xiao et al., StreamingLLM, arXiv 2309.17453",
-                for_budget=_for_budget))
+                for_budget=_for_budget, size_knobs=("window",)))

@@ -43,10 +43,10 @@ import torch
 from ..cache import SharedState, growable_segments
 from ..errors import OjaKVError
 from ..memory import nbytes
-from ..models import geometry
+from ..hf import geometry
 from ..quantize import pack_bits, unpack_bits
 from ..storage import GrowableTensor
-from . import Method, knob, register
+from . import Method, Sizing, knob, largest_within, register
 from .kivi import KIVILayer
 
 BITS = (2, 2.5, 3, 3.5, 4)
@@ -359,7 +359,7 @@ def held_bytes(config: TurboQuantConfig, head_dim: int, kv_heads: int, tokens: i
     return kv_heads * per_head + centroids
 
 
-def _for_budget(knobs, geometry, prompt_tokens, new_tokens, dtype_bytes, budget):
+def _for_budget(knobs, geometry, prompt_tokens, new_tokens, dtype_bytes, budget) -> Sizing:
     """Bits are discrete: pick the width whose predicted ratio is closest (the eval row says if it misses)."""
     others = {k: v for k, v in knobs.items() if k != "bits"}
     n = prompt_tokens + new_tokens
@@ -369,10 +369,11 @@ def _for_budget(knobs, geometry, prompt_tokens, new_tokens, dtype_bytes, budget)
         config = TurboQuantConfig(bits=bits, **others)
         return held_bytes(config, d, heads, n, dtype_bytes) / (2 * n * d * dtype_bytes * heads)
 
-    return {"bits": min(BITS, key=lambda bits: abs(ratio(bits) - budget))}
+    bits = largest_within(sorted(BITS, key=ratio), ratio, budget)
+    return Sizing({"bits": bits}, ratio(bits), min(map(ratio, BITS)), "the narrowest codes, norms and rotations")
 
 
 register(Method(name="turboquant",
                 summary="random rotation + Lloyd-Max codebook per coordinate (QJL-corrected keys optional); 2-4 bits, packed",
                 config_class=TurboQuantConfig, build=_build, reference="Zandieh et al., TurboQuant, arXiv 2504.19874",
-                for_budget=_for_budget))
+                for_budget=_for_budget, size_knobs=("bits",)))
