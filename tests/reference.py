@@ -10,8 +10,13 @@ itself and lets a ``Reference`` object change what attention sees:
 - low rank (ojakv with eta_decode = 0, staticpca(-h), eigen, mla-latent): every non-anchor token's key and value
   replaced by its projection U Uᵀ x (pre-RoPE keys: RoPE undone, projected, redone). The bases are inputs, taken
   from the library's layers after the run (they are fixed when eta = 0);
-- quantization (kivi): the tokens the policy says are quantized are fake-quantized with a plain float
-  implementation of the asymmetric min/max rule.
+- quantization (kivi, turboquant, ojakv+quant): the tokens the policy says are quantized are fake-quantized
+  (quantized and rebuilt in plain float: KIVI's asymmetric min/max rule; TurboQuant's rotation, norm and nearest
+  Lloyd–Max centroid; OjaKV's coefficients through the min/max rule). Turboquant and ojakv+quant settle float16
+  near-ties (norms, scales, minima within 1e-5 of a rounding tie) by the value the library stored, as bases are
+  taken; any other decision near its boundary makes the example ambiguous;
+- composition (snapkv+ojakv): the SnapKV mask, and the low-rank projection of the held tokens;
+- cross-layer key sharing (pod): a shared layer's distant keys replaced by its group's base layer's keys.
 
 ``run(model, reference, ids, mask, chunks, decode_ids)`` and ``run(model, cache, ...)`` drive the same calls
 (prefill in chunks, then single-token decode steps with given tokens) and return the logits of every real token.
@@ -27,6 +32,7 @@ import torch
 from transformers import AttentionInterface, DynamicCache
 
 from helpers import kv
+from ojakv.methods.turboquant import _derive_seed, codebook, random_rotations
 
 NAME = "ojakv_reference"
 _ACTIVE: list["Reference"] = []
@@ -354,39 +360,147 @@ class LowRankReference(Reference):
             padding = int((~valid).sum(-1).max())
             self.sink_count = min(q, self.n_sink + padding)
 
+    def exact(self, layer, total) -> torch.Tensor:
+        """Which columns stay at full precision, broadcastable to [b, kv_heads, total]."""
+        column = torch.arange(total)
+        return ((column < self.sink_count) | (column >= total - self.n_recent))[None, None]
+
     def transform(self, layer, keys, values):
-        total = keys.shape[2]
-        exact = torch.arange(total)
-        exact = (exact < self.sink_count) | (exact >= total - self.n_recent)
+        exact = self.exact(layer, keys.shape[2]).expand(keys.shape[:3])
         u_k, u_v = self.bases[layer]
         keys, values = keys.float(), values.float()
         if self.key_mode == "pre_rope":
             cos, sin = self.model.model.rotary_emb(keys, self.positions)
             cos, sin = cos[:, None].float(), sin[:, None].float()
             plain = keys * cos - _rotate_half(keys) * sin  # rotation by -angle (cos² + sin² = 1 for plain RoPE)
-            projected = plain @ u_k @ u_k.transpose(-1, -2)
+            projected = self.project(plain, u_k, ~exact, layer, 0)
             projected = projected * cos + _rotate_half(projected) * sin
         else:
-            projected = keys @ u_k @ u_k.transpose(-1, -2)
-        projected_v = values @ u_v @ u_v.transpose(-1, -2)
-        mask = exact[None, None, :, None]
+            projected = self.project(keys, u_k, ~exact, layer, 0)
+        projected_v = self.project(values, u_v, ~exact, layer, 1)
+        mask = exact[..., None]
         return torch.where(mask, keys, projected), torch.where(mask, values, projected_v)
+
+    def project(self, x, basis, body, layer, role):
+        """U code(Uᵀx) for every row; ``body`` [b, h, T] marks the rows the cache stores as coefficients; role 0
+        keys, 1 values."""
+        return self.code(x @ basis, body, layer, role) @ basis.transpose(-1, -2)
+
+    def code(self, coefficients, body, layer, role):
+        """Coefficients as the body holds them: in the model's dtype, exact for a float32 model."""
+        return coefficients
+
+
+class QuantizedLowRankReference(LowRankReference):
+    """As ``LowRankReference``, each body token's coefficient row padded with zeros to a multiple of 16 and
+    fake-quantized in groups of 16 with the asymmetric min/max rule (``bits``). Exact only while the bases never
+    move (eta_decode = 0): a basis change would re-quantize the re-expressed rows. ``stored_ranges(layer, role)``
+    gives the library's float16 (scale, minimum) of its body rows, [b, h, body, groups, 1], to settle float16
+    near-ties (``float16``; a minimum rounded the other way shifts a group by ~1e-3, the logits by up to ~2e-4)."""
+
+    GROUP = 16
+
+    def __init__(self, num_layers, bases, n_sink, n_recent, key_mode="pre_rope", bits=4, stored_ranges=None):
+        super().__init__(num_layers, bases, n_sink, n_recent, key_mode)
+        self.bits, self.stored_ranges = bits, stored_ranges
+
+    def code(self, coefficients, body, layer, role):
+        rows = coefficients[body]  # [N, r]: only body rows, so exact tokens raise no rounding-boundary alarm
+        r = rows.shape[-1]
+        width = -(-r // self.GROUP) * self.GROUP
+        grouped = torch.nn.functional.pad(rows, (0, width - r)).view(-1, width // self.GROUP, self.GROUP)
+        coded = coefficients.clone()
+        coded[body] = fake_quantize(grouped, self.bits, self, self.stored(layer, role, body)).view(-1, width)[:, :r]
+        return coded
+
+    def stored(self, layer, role, body):
+        """The library's (scale, minimum) of this call's body rows, in ``coefficients[body]`` order: the body holds
+        the same count per sequence and head, and this call's body is the first rows of the final one."""
+        ranges = None if self.stored_ranges is None else self.stored_ranges(layer, role)
+        if ranges is None or ranges[0] is None:
+            return None
+        count = int(body[0, 0].sum())
+        return tuple(part[:, :, :count].float().reshape(-1, *part.shape[3:]) for part in ranges)
+
+
+class SelectedLowRankReference(LowRankReference):
+    """A selection reference's mask (the prompt attends in full, then each KV head holds its chosen tokens plus
+    every later one), with the held tokens of each head laid out as OjaKV lays out a sequence: its first
+    min(k, n_sink + held padding) held tokens and its last n_recent held tokens exact, the others projected (keys
+    at their own positions). ``bases`` are the ones fitted to the survivors, taken from the library after the run."""
+
+    def __init__(self, selection: SelectionReference, bases, n_sink, n_recent, key_mode="pre_rope"):
+        self.selection = selection
+        super().__init__(selection.num_layers, bases, n_sink, n_recent, key_mode)
+
+    @property
+    def min_gap(self):  # a tie in the selection or a rounding boundary in the coding: either is ambiguous
+        return min(self._own_gap, self.selection.min_gap)
+
+    @min_gap.setter
+    def min_gap(self, value):
+        self._own_gap = value
+
+    def begin_call(self, valid, positions, q):
+        Reference.begin_call(self, valid, positions, q)
+        self.selection.begin_call(valid, positions, q)
+
+    def keep_mask(self, layer, total):
+        return self.selection.keep_mask(layer, total)
+
+    def observe(self, layer, probs):
+        self.selection.observe(layer, probs)
+
+    def exact(self, layer, total):
+        if self.first_call:
+            return torch.ones(1, 1, total, dtype=torch.bool)  # the prompt is attended to in full
+        held = self.selection.held[layer]  # this call's tokens are not in it yet: keep_mask runs after transform
+        if self.sink_count is None:  # second call: ``held`` is the prompt's selection; sinks cover its padding
+            kept = int(held.sum(-1).max())
+            padding = int((held & ~self.valid[:, None, : held.shape[-1]]).sum(-1).max())
+            self.sink_count = min(kept, self.n_sink + padding)
+        held = torch.cat([held, torch.ones(*held.shape[:2], total - held.shape[-1], dtype=torch.bool)], dim=-1)
+        rank = held.long().cumsum(-1)  # 1 for a head's first held token
+        count = rank[..., -1:]
+        return ~held | (rank <= self.sink_count) | (rank > count - self.n_recent)
 
 
 # --- quantization ----------------------------------------------------------------------------------------------
 
 
 BOUNDARY = 1e-6  # library and reference keys differ by ~1e-7 (SDPA vs explicit attention upstream, float32)
+FLOAT16_WINDOW = 1e-5  # float16 near-ties are settled by the library's stored value within this (see float16)
 
 
-def fake_quantize(x: torch.Tensor, bits: int, reference: "Reference | None" = None) -> torch.Tensor:
+def flag_boundary(reference: "Reference", margin: torch.Tensor, where: torch.Tensor, bound: float = BOUNDARY) -> None:
+    """A decision whose input lies within ``bound`` (in units of the keys and values) of its boundary may go
+    either way in the library: the example is ambiguous."""
+    margin = margin[where]
+    if margin.numel() and float(margin.min()) < bound:
+        reference.min_gap = 0.0
+
+
+def float16(value: torch.Tensor, stored: torch.Tensor | None = None) -> torch.Tensor:
+    """``value`` rounded to float16. Where it lies within FLOAT16_WINDOW of a tie between two float16 numbers,
+    rounding noise upstream (~1e-6) decides the library's choice, and a tie comes up in a large share of examples
+    (float16 steps are ~1e-3): there the ``stored`` float16 value, when given and one of the two, is taken."""
+    own = value.half().float()
+    if stored is None:
+        return own
+    below, above = (value - FLOAT16_WINDOW).half().float(), (value + FLOAT16_WINDOW).half().float()
+    return torch.where((below != above) & ((stored == below) | (stored == above)), stored, own)
+
+
+def fake_quantize(x: torch.Tensor, bits: int, reference: "Reference | None" = None, stored=None) -> torch.Tensor:
     """Asymmetric min/max quantization of each row of ``x`` [..., group] and back: scale = (max - min)/(2^b - 1)
-    (at least 1e-8), scale and minimum stored as float16, codes rounded and clipped to [0, 2^b - 1]."""
+    (at least 1e-8), scale and minimum stored as float16, codes rounded and clipped to [0, 2^b - 1]. ``stored``:
+    the library's float16 (scale, minimum) [..., 1], to settle float16 near-ties (see ``float16``)."""
     low = x.min(-1, keepdim=True).values
     high = x.max(-1, keepdim=True).values
     levels = 2**bits - 1
-    scale = ((high - low) / levels).clamp(min=1e-8).half().float()
-    low = low.half().float()
+    stored_scale, stored_low = (None, None) if stored is None else stored
+    scale = float16(((high - low) / levels).clamp(min=1e-8), stored_scale)
+    low = float16(low, stored_low)
     # a float16 scale can be 0 (a constant group, or a range under float16's resolution): then every code is 0
     exact = (x - low) / scale
     codes = torch.where(scale > 0, torch.clamp(torch.round(exact), 0, levels), 0.0)
@@ -407,6 +521,8 @@ class KIVIReference(Reference):
         self.bits, self.group, self.residual = bits, group, residual
 
     def transform(self, layer, keys, values):
+        if self.first_call:  # the prompt attends to its own full-precision keys and values
+            return keys, values
         total, g = keys.shape[2], self.group
         real = self.valid[:, None, :, None]
         keys, values = keys.float() * real, values.float() * real
@@ -420,4 +536,152 @@ class KIVIReference(Reference):
             for channel in range(0, values.shape[-1], g):
                 row = values[:, :, token, channel : channel + g]
                 values[:, :, token, channel : channel + g] = fake_quantize(row, self.bits, self)
+        return keys, values
+
+
+_FLOAT16_MAX = 65504.0
+# Later layers' keys reach the reference up to ~1e-6 away from the library's (SDPA against explicit attention
+# upstream, measured), so a TurboQuant decision this close to its boundary may go either way.
+TURBO_BOUNDARY = 2e-6
+
+
+class TurboQuantReference(Reference):
+    """With T tokens after the call, tokens 0 .. T − residual − 1 (padding zeroed) are fake-quantized per KV head,
+    keys and values alike: x ≈ ‖x‖₁₆ · Πᵀ c, c the nearest Lloyd–Max centroid (``codebook(width, bits)``) of each
+    coordinate of Π x / ‖x‖, ‖x‖₁₆ the norm rounded to float16. ``prod`` keys: that at b − 1 bits, plus the QJL
+    term √(π/2)/width · γ₁₆ · Sᵀ sign(S r), r the residual left and γ = ‖r‖. Fractional bits: per sequence and KV
+    head, the round(f·d) channels with the largest sum of squares over the first call's tokens (the prompt, as
+    for every method here) form a set of their own at b + 1 bits, the others one at b bits, each set (channels
+    ascending) with its own Π and S. Π and S are defined by the seed: a generator seeded with
+    ``_derive_seed(rotation_seed, layer, role, set)`` (role 0 keys, 1 values) gives each head's Π
+    (``random_rotations``), then each head's S (standard Gaussian).
+
+    Near-ties: a centroid, QJL sign or outlier choice within TURBO_BOUNDARY of its boundary makes the example
+    ambiguous. Float16 norms are too fine for that (a norm rounded the other way scales its vector by 1 ± 2⁻¹¹
+    and, through the next layers, the logits by up to ~1e-4): ``stored_norms(layer, role)``, the float16 norms the
+    library stored ([b, h, tokens, columns]: per channel set ‖x‖, then γ for prod keys), settles their near-ties
+    (``float16``)."""
+
+    def __init__(self, num_layers, head_dim, bits=3.5, key_variant="mse", outlier_fraction=0.25, residual=0,
+                 rotation_seed=0, stored_norms=None):
+        super().__init__(num_layers)
+        whole, outliers = int(bits), round(outlier_fraction * head_dim)
+        self.sets = [(head_dim, whole)] if bits == whole else [(outliers, whole + 1), (head_dim - outliers, whole)]
+        self.variants = (key_variant, "mse")  # values always use the MSE variant
+        self.residual, self.seed, self.stored_norms = residual, rotation_seed, stored_norms
+        self.channels: dict[tuple[int, int], list[torch.Tensor]] = {}  # (layer, role) -> per set [b, h, width]
+
+    def transform(self, layer, keys, values):
+        real = self.valid[:, None, :, None]
+        quantized = max(0, keys.shape[2] - self.residual)
+        out = []
+        for role, x in enumerate((keys.float() * real, values.float() * real)):
+            if self.first_call:  # the prompt picks the outlier channels and attends in full precision
+                self.channels[layer, role] = self.split_channels(x)
+                out.append((keys, values)[role])
+                continue
+            x = x.clone()
+            x[:, :, :quantized] = self.fake_quantize(x[:, :, :quantized], layer, role)
+            out.append(x)
+        return tuple(out)
+
+    def split_channels(self, x):
+        """Each set's channels [b, h, width], ascending: outliers by sum of squares over the tokens of ``x``."""
+        b, h, n, d = x.shape
+        if len(self.sets) == 1:
+            return [torch.arange(d).expand(b, h, d)]
+        energy = x.square().sum(2)
+        outliers = self.sets[0][0]
+        ranked, order = energy.sort(dim=-1, descending=True)
+        # compared as root energies, which move by at most √n times the keys' own difference; equal energies
+        # (a row that is all padding so far) are a tie
+        gap = ranked[..., outliers - 1].sqrt() - ranked[..., outliers].sqrt()
+        flag_boundary(self, gap, torch.ones_like(gap, dtype=torch.bool), TURBO_BOUNDARY * math.sqrt(n))
+        return [order[..., :outliers].sort(-1).values, order[..., outliers:].sort(-1).values]
+
+    def fake_quantize(self, x, layer, role):
+        out = torch.empty_like(x)
+        heads, tokens = x.shape[1], x.shape[2]
+        stored = None if self.stored_norms is None else self.stored_norms(layer, role)
+        stored = None if stored is None else stored[:, :, :tokens].float()  # None: nothing was quantized
+        column = 0
+        for index, ((width, bits), channels) in enumerate(zip(self.sets, self.channels[layer, role])):
+            generator = torch.Generator().manual_seed(_derive_seed(self.seed, layer, role, index))
+            rotation = random_rotations(heads, width, generator)
+            prod = self.variants[role] == "prod"
+            columns = channels[:, :, None, :].expand(*x.shape[:3], width)
+            part = x.gather(-1, columns)
+            norms = [None, None] if stored is None else [stored[..., column + i : column + i + 1] for i in (0, 1)]
+            rebuilt = self.nearest_centroids(part, rotation, bits - prod, norms[0])
+            if prod:
+                projection = torch.randn(heads, width, width, generator=generator)
+                rebuilt = rebuilt + self.qjl(part - rebuilt, projection, norms[1])
+            out.scatter_(-1, columns, rebuilt)
+            column += 1 + prod
+        return out
+
+    @staticmethod
+    def float16_norm(x, stored):
+        """‖x‖ [..., 1] and its float16 rounding (clamped to float16's range)."""
+        norm = x.norm(dim=-1, keepdim=True)
+        return norm, float16(norm.clamp_max(_FLOAT16_MAX), stored)
+
+    def nearest_centroids(self, x, rotation, bits, stored=None):
+        centroids = codebook(x.shape[-1], bits).float()
+        norm, norm16 = self.float16_norm(x, stored)
+        rotated = (x / norm.clamp_min(1e-30)) @ rotation.transpose(-1, -2)
+        distance = (rotated[..., None] - centroids).abs()
+        two = distance.topk(2, dim=-1, largest=False).values
+        # half the gap between the two nearest centroids' distances is the distance to the cell boundary
+        flag_boundary(self, (two[..., 1] - two[..., 0]) / 2 * norm, (norm > 0).expand_as(rotated), TURBO_BOUNDARY)
+        return (centroids[distance.argmin(-1)] * norm16) @ rotation
+
+    def qjl(self, residual, projection, stored=None):
+        gamma, gamma16 = self.float16_norm(residual, stored)
+        sketch = residual @ projection.transpose(-1, -2)
+        flag_boundary(self, sketch.abs(), (gamma > 0).expand_as(sketch), TURBO_BOUNDARY)
+        signs = torch.where(sketch >= 0, 1.0, -1.0)
+        return (signs * gamma16 * (math.sqrt(math.pi / 2) / residual.shape[-1])) @ projection
+
+
+# --- cross-layer key sharing -------------------------------------------------------------------------------------
+
+
+def pod_bases(similarity: torch.Tensor, delta: float, max_group: int = 0) -> list[list[int]]:
+    """First layer of each layer's group [L][h], per KV head: going up the layers, a layer stays in the current
+    group while its similarity [L, L, h] to the group's first layer is at least ``delta`` and the group has fewer
+    than ``max_group`` layers (0: no cap); otherwise it starts a group of its own."""
+    layers, _, heads = similarity.shape
+    bases = [[0] * heads for _ in range(layers)]
+    for head in range(heads):
+        first = 0
+        for layer in range(1, layers):
+            full = max_group and layer - first >= max_group
+            if full or float(similarity[first, layer, head]) < delta:
+                first = layer
+            bases[layer][head] = first
+    return bases
+
+
+class PoDReference(Reference):
+    """A layer that is not its own group's first layer (``bases`` [L][h], per KV head) attends, in the distant
+    columns of that head, to the first layer's keys: every column of T (after the call) except the first
+    n_sink + P (P: the batch's largest left padding, so each sequence keeps its first n_sink real tokens) and the
+    last ``window``. Values are always the layer's own."""
+
+    def __init__(self, num_layers, bases, n_sink=4, window=128):
+        super().__init__(num_layers)
+        self.bases, self.n_sink, self.window = bases, n_sink, window
+        self.own_keys: dict[int, torch.Tensor] = {}
+
+    def transform(self, layer, keys, values):
+        self.own_keys[layer] = keys  # layers run in order: a group's first layer has attended already
+        total = keys.shape[2]
+        padding = int((~self.valid).sum(-1).max())  # all padding leads the prompt: this counts the prompt's
+        column = torch.arange(total)
+        distant = (column >= self.n_sink + padding) & (column < total - self.window)
+        keys = keys.clone()
+        for head, base in enumerate(self.bases[layer]):
+            if base != layer:
+                keys[:, head, distant] = self.own_keys[base][:, head, distant]
         return keys, values

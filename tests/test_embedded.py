@@ -126,7 +126,7 @@ def test_eval_smoke_sweep_of_two_methods(smol, tmp_path, capsys):
                  "--out", str(out), "--max-new-tokens", "8"])
     assert code == 0
     lines = (out / "summary.csv").read_text().splitlines()
-    assert lines[0].startswith("method,budget,task,length,placement,n,accuracy,held_ratio")
+    assert lines[0].startswith("method,budget,task,length,placement,n,accuracy,ci_low,ci_high,held_ratio")
     rows = {line.split(",")[0]: line.split(",") for line in lines[1:]}
     assert set(rows) == {"full", "ojakv"} and rows["full"][6] == "1.0"
 

@@ -35,6 +35,15 @@ def test_samples_are_deterministic_token_exact_and_hold_their_answer(tokenizer, 
         assert answer in sample.context and answer not in sample.question
 
 
+def test_a_context_with_several_needles_asks_for_each_of_them(tokenizer):
+    sample = make_sample("niah_multikey_1", tokenizer, 1024, index=0)
+    assert len(sample.queries) == 4 and len({q.answers[0] for q in sample.queries}) == 4
+    for query in sample.queries:  # each question names its own key, whose value only the context holds
+        assert query.answers[0] in sample.context and query.answers[0] not in query.question
+    assert len(make_sample("niah_multiquery", tokenizer, 1024, index=0).queries) == 1  # asks for all at once
+    assert len(make_sample("passkey", tokenizer, 1024, index=0).queries) == 1
+
+
 def test_needle_depth_follows_the_sample_index(tokenizer):
     for index, depth in enumerate((0.1, 0.3, 0.5, 0.7, 0.9)):
         sample = make_sample("niah_single_1", tokenizer, 2048, index=index)
@@ -93,10 +102,62 @@ def test_sweep_resumes_and_redoes_a_cut_record(model, tokenizer, tmp_path):
     assert len(records) == len(lines) and path.read_text().endswith("\n")
     rows = write_reports(tmp_path)
     assert (tmp_path / "summary.csv").read_text().splitlines()[0] == \
-        "method,budget,task,length,placement,n,accuracy,held_ratio,note"
+        "method,budget,task,length,placement,n,accuracy,ci_low,ci_high,held_ratio,vs_full,vs_full_p,vs_best," \
+        "vs_best_p,note"
     ppl = [r for r in rows if r["task"] == "ppl"]
     assert len(ppl) == 2 and all(r["accuracy"] > 1.0 for r in ppl)  # perplexities of a random model
     assert (tmp_path / "summary.md").exists()
+
+
+SHARED_CHECK = ["full", "snapkv", "ojakv-pf", "h2o", "ojakv:init=prompt"]
+
+
+@pytest.mark.parametrize("placement", ["after", "inside"])
+def test_the_shared_prefill_gives_the_records_of_one_prefill_per_method(model, tokenizer, tmp_path, placement):
+    specs = [MethodSpec.parse(text) for text in SHARED_CHECK]
+    runs = {}
+    for share in (True, False):
+        out = tmp_path / str(share)
+        run_sweep(model, tokenizer, specs, tasks=["passkey", "niah_multikey_1"], lengths=[400], samples=1,
+                  budgets=[0.5], placements=[placement], out_dir=out, max_new_tokens=3, progress=False,
+                  share_prefill=share)
+        records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+        runs[share] = {(r["method"], r["task"], r["query"]): r for r in records}
+    assert set(runs[True]) == set(runs[False])
+    assert len([key for key in runs[True] if key[1] == "niah_multikey_1"]) == 4 * len(SHARED_CHECK)
+    for key, shared in runs[True].items():
+        direct = runs[False][key]
+        assert (shared["completion"], shared["held_bytes"]) == (direct["completion"], direct["held_bytes"]), key
+        assert shared["prefill"] == ("own" if key[0].startswith("ojakv:") else "derived") and direct["prefill"] == "own"
+
+
+def test_intervals_and_paired_comparisons_in_the_summary(tmp_path):
+    records = [{"method": m, "budget": b, "task": "passkey", "length": 64, "placement": "after", "index": i,
+                "query": 0, "score": float(score), "held_ratio": ratio}
+               for m, b, ratio, scores in (("full", None, 1.0, [1] * 20), ("a", 0.5, 0.5, [1] * 18 + [0] * 2),
+                                           ("b", 0.5, 0.5, [1] * 5 + [0] * 15))
+               for i, score in enumerate(scores)]
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    rows = {r["method"]: r for r in write_reports(tmp_path)}
+    assert rows["full"]["ci_low"] == pytest.approx(0.8389, abs=1e-4) and rows["full"]["ci_high"] == 1.0
+    assert rows["a"]["vs_full_p"] == 0.5 and rows["a"]["vs_best"] == 0.0  # 2 losses of 20: inside the noise
+    assert rows["b"]["vs_best"] == -0.65 and rows["b"]["vs_best_p"] < 0.001  # 13 losses, no win
+    table = (tmp_path / "summary.md").read_text()
+    assert "≈ (-0.10, p=0.50)" in table and "-0.65 (p=0.000)" in table and "0.25 [0.11, 0.47]" in table
+    assert "| a | 0.5 | 0.900 | 0.500 | 20 |" in table  # the headline: passkey is solved by the full cache
+
+
+def test_the_headline_leaves_out_tasks_the_full_cache_does_not_solve():
+    from ojakv.evaluation.report import headline_table
+
+    row = lambda method, budget, task, accuracy: {"method": method, "budget": budget, "task": task, "length": 64,
+                                                  "placement": "after", "n": 10, "accuracy": accuracy,
+                                                  "held_ratio": 0.5 if budget else 1.0}
+    rows = [row("full", "", "passkey", 1.0), row("full", "", "cwe", 0.1), row("a", 0.5, "passkey", 0.6),
+            row("a", 0.5, "cwe", 0.9)]
+    table = headline_table(rows)
+    assert "not solved by the full cache, so left out: cwe (0.10)" in table
+    assert "| a | 0.5 | 0.600 | 0.500 | 10 |" in table
 
 
 def test_bench_reports_medians_and_ratios_to_full(model, tokenizer):

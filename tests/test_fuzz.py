@@ -29,7 +29,7 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES == DE
                                        HealthCheck.function_scoped_fixture])
 TOLERANCE = 1e-4  # float32 model: library (SDPA) and reference (explicit eager) differ by rounding only (~1e-7)
 AMBIGUOUS = 1e-5  # a selection whose last kept and first dropped scores are closer than this is a tie
-LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 16
+LAYERS, KV_HEADS, HEAD_DIM = 3, 2, 16  # three layers: a PoD group's third layer, PyramidKV's middle capacity
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -102,6 +102,73 @@ def _low_rank_reference(defaults):
     return make
 
 
+def _turboquant_knobs(n):
+    return st.fixed_dictionaries({
+        "bits": st.sampled_from([2, 2.5, 3, 3.5, 4]), "key_variant": st.sampled_from(["mse", "prod"]),
+        "outlier_fraction": st.integers(2, HEAD_DIM - 2).map(lambda k: k / HEAD_DIM),  # exact: round(f·d) = k
+        "residual": st.integers(0, 8) | st.integers(0, n + 4), "rotation_seed": st.integers(0, 3)})
+
+
+def _turboquant_reference(knobs, cache):
+    def stored_norms(layer, role):  # float16 norms the library kept, to settle float16 near-ties only
+        norms = cache.layers[layer].key_norms if role == 0 else cache.layers[layer].value_norms
+        return norms.view
+
+    return ref.TurboQuantReference(LAYERS, HEAD_DIM, **knobs, stored_norms=stored_norms)
+
+
+# PoD's grouping file for the fuzz, written once per module (tests never reach the calibration essays): per KV
+# head, similarities such that δ in (0, 1] gives different groups per head, including a group whose first layer
+# is not layer 0 (head 1, 0.4 < δ ≤ 0.7: layers 1 and 2 share layer 1's keys).
+POD_SIMILARITY = torch.tensor([[[1.0, 1.0], [0.9, 0.4], [0.6, 0.2]],
+                               [[0.9, 0.4], [1.0, 1.0], [0.3, 0.7]],
+                               [[0.6, 0.2], [0.3, 0.7], [1.0, 1.0]]])[:LAYERS, :LAYERS]
+POD_FILE: dict[str, str] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _pod_grouping(model, tmp_path_factory):
+    from ojakv.methods.pod import save_similarity
+
+    path = tmp_path_factory.mktemp("pod") / "grouping.safetensors"
+    POD_FILE["path"] = str(save_similarity(model, POD_SIMILARITY, path))
+
+
+def _pod_knobs(n):
+    """δ ≤ 0 (group all) or > 1 (none) need no file; δ in (0, 1] reads POD_SIMILARITY's file."""
+    without_file = st.fixed_dictionaries({"delta": st.sampled_from([0.0, -1.0, 1.5])})
+    with_file = st.floats(0.05, 1.0).map(lambda delta: {"delta": delta, "grouping": POD_FILE["path"]})
+    return st.tuples(without_file | with_file, st.fixed_dictionaries({
+        "n_sink": st.integers(0, 8), "window": st.integers(1, n + 4), "max_group": st.integers(0, LAYERS)})).map(
+        lambda parts: {**parts[0], **parts[1]})
+
+
+def _pod_reference(knobs, cache):
+    similarity = POD_SIMILARITY if knobs.get("grouping") else torch.ones(LAYERS, LAYERS, KV_HEADS)
+    bases = ref.pod_bases(similarity, knobs["delta"], knobs.get("max_group", 0))
+    return ref.PoDReference(LAYERS, bases, knobs.get("n_sink", 4), knobs.get("window", 128))
+
+
+def _snapkv_ojakv_knobs(n):
+    return st.tuples(_snapkv_knobs(n), _low_rank_knobs(n, eta_decode=0.0)).map(lambda parts: {**parts[0], **parts[1]})
+
+
+def _snapkv_ojakv_reference(knobs, cache):
+    snapkv = (knobs[k] for k in ("capacity", "window", "kernel", "pooling"))
+    selection = ref.SnapKVReference(LAYERS, KV_HEADS, *snapkv)
+    return ref.SelectedLowRankReference(selection, _bases(cache), knobs["n_sink"], knobs["n_recent"],
+                                        knobs["key_mode"])
+
+
+def _quantized_low_rank_reference(knobs, cache):
+    def stored_ranges(layer, role):  # float16 scales and minima the library kept, to settle float16 near-ties only
+        rows = cache.layers[layer].k_coef if role == 0 else cache.layers[layer].v_coef
+        return rows.scale.view, rows.minimum.view
+
+    return ref.QuantizedLowRankReference(LAYERS, _bases(cache), knobs["n_sink"], knobs["n_recent"],
+                                         knobs["key_mode"], knobs["coef_bits"], stored_ranges)
+
+
 REFERENCES = {
     "snapkv": (_snapkv_knobs, lambda k, c: ref.SnapKVReference(LAYERS, KV_HEADS, **k)),
     "pyramidkv": (lambda n: _snapkv_knobs(n, {"beta": st.floats(1.0, 30.0)}),
@@ -125,6 +192,13 @@ REFERENCES = {
               _low_rank_reference({"n_sink": 32, "n_recent": 32})),
     "mla-latent": (lambda n: _low_rank_knobs(n, anchors=False, key_mode="pre_rope"),
                    _low_rank_reference({"n_sink": 0, "n_recent": 0})),
+    # η = 0: with a moving basis every re-expression would quantize the coefficients once more
+    "ojakv+quant": (lambda n: st.sampled_from([2, 4, 8]).flatmap(lambda bits: _low_rank_knobs(
+        n, eta_decode=0.0, coef_bits=bits)), _quantized_low_rank_reference),
+    # η = 0 keeps the bases fitted to SnapKV's survivors, so the library's final bases are the ones used throughout
+    "snapkv+ojakv": (_snapkv_ojakv_knobs, _snapkv_ojakv_reference),
+    "turboquant": (_turboquant_knobs, _turboquant_reference),
+    "pod": (_pod_knobs, _pod_reference),
 }
 # Registered methods without a reference, and why.
 NO_REFERENCE = {
@@ -139,6 +213,11 @@ def test_every_method_has_a_reference_or_a_reason():
     missing = sorted(set(registered()) - set(REFERENCES) - set(NO_REFERENCE))
     if missing:
         pytest.skip(f"no slow reference in tests/reference.py for: {', '.join(missing)}")
+
+
+# Inputs on which a method is known to be wrong, kept out of the fuzz until it is fixed (each has a strict xfail
+# regression below, so the fix shows up as an XPASS).
+KNOWN_BUGS: dict = {}
 
 
 def compare(model, method, knobs, ids, mask, chunks, decode):
@@ -159,11 +238,12 @@ def compare(model, method, knobs, ids, mask, chunks, decode):
 @given(data=st.data())
 def test_method_matches_its_reference(model, method, data):
     ids, mask, chunks, decode = data.draw(scenarios(), label="inputs")
+    assume(not KNOWN_BUGS.get(method, lambda *inputs: False)(ids, mask, chunks))
     knobs = data.draw(REFERENCES[method][0](ids.shape[1]), label="knobs")
     assume(compare(model, method, knobs, ids, mask, chunks, decode))
 
 
-# --- regressions: inputs on which the differential tests found bugs (all fixed) ----------------------------
+# --- regressions: inputs on which the differential tests found bugs (fixed, or xfail until fixed) -----------
 
 
 def _inputs(rows, chunks, decode):
@@ -191,6 +271,13 @@ def test_streaming_llm_holds_each_token_once(model):
     gen = torch.Generator().manual_seed(3)
     rows = [torch.randint(3, 128, (length,), generator=gen).tolist() for length in (30, 12)]
     assert compare(model, "streaming-llm", dict(n_sink=4, window=10), *_inputs(rows, [30], [[5, 6, 7], [8, 9, 10]]))
+
+
+def test_pod_keeps_the_first_real_tokens_of_a_prompt_padded_beyond_the_first_chunk(model):
+    # Row 1 has two padding columns and the first call is one column: the sinks once stopped at columns 0-1, so
+    # row 1's first real token (column 2) took layer 0's key in layer 1 (fixed: every call's padding counts).
+    assert compare(model, "pod", dict(delta=0.0, n_sink=1, window=1),
+                   *_inputs([[47, 117, 61, 13, 91, 7], [125, 61, 104, 119]], [1, 5], [[9], [27]]))
 
 
 @pytest.mark.parametrize("method", sorted(registered()))

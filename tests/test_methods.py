@@ -119,6 +119,19 @@ def test_compressing_run_holds_what_it_reports_per_kv_head(tiny, method):
             assert tensor.shape[0] == 2 and tensor.shape[1] == kv_heads
 
 
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "full"])
+def test_a_bfloat16_model_compresses_against_a_16_bit_full_cache(method):
+    model = tiny_model("llama", num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, max_context=1024,
+                       dtype=torch.bfloat16)
+    ids, mask = padded_batch(model.config.vocab_size, (300, 281), seed=17)  # long enough to outweigh bases
+    knobs = {**COMPRESSING[method], **({"group": 16} if method == "kivi" else {})}
+    cache = ojakv.make_cache(model, method, **knobs)
+    assert torch.isfinite(greedy_scores(model, ids, mask, cache, steps=8).float()).all()
+    report = cache.memory()
+    assert report.full_bytes == 2 * 2 * 2 * 2 * cache.get_seq_length() * 16 * 2  # K/V x layers x batch x heads, bf16
+    assert report.held_bytes == held_tensor_bytes(cache) < report.full_bytes
+
+
 CALIBRATION_FREE = {"staticpca": {"init": "prompt"}, "staticpca-h": {"init": "prompt"},
                     "eigen": {"init": "prompt", "key_basis": "keys"}}
 # Sizes that come in steps coarser than 0.02: bit widths, 4-bit coefficient rows padded to 16 ranks.

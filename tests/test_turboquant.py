@@ -251,9 +251,12 @@ def test_residual_tokens_stay_exact_and_older_ones_are_quantized():
     cache = ojakv.make_cache(model, "turboquant", bits=3, residual=8)
     keys = torch.randn(1, 2, 20, 16, generator=torch.Generator().manual_seed(3))
     [(returned, _)] = feed(cache, keys, keys, layers=[0])
-    assert torch.equal(returned[:, :, -8:], keys[:, :, -8:])
-    assert not torch.allclose(returned[:, :, :12], keys[:, :, :12], atol=1e-3)
-    assert cache.layers[0].key_codes.length == 12
+    assert torch.equal(returned, keys)  # the prompt attends to its own full-precision keys
+    step = torch.randn(1, 2, 1, 16, generator=torch.Generator().manual_seed(4))
+    [(returned, _)] = feed(cache, step, step, layers=[0])  # the next call sees what the cache keeps
+    assert torch.equal(returned[:, :, -8:], torch.cat([keys, step], 2)[:, :, -8:])
+    assert not torch.allclose(returned[:, :, :13], keys[:, :, :13], atol=1e-3)
+    assert cache.layers[0].key_codes.length == 13
     assert cache.memory().segments["residual_fp"] == 2 * 2 * 8 * 16 * 4  # K and V, 2 heads, 8 tokens, float32
 
 

@@ -13,6 +13,7 @@ Then the model is as it was found.
 
 from __future__ import annotations
 
+import copy
 import weakref
 from dataclasses import dataclass
 from typing import Callable
@@ -292,6 +293,7 @@ class LayerPlan:
     factory: Callable[[int, SharedState], CacheLayer]
     track_positions: bool
     config: dict
+    sliding_too: bool = False  # the factory also makes the sliding-window layers (to observe every layer)
 
 
 class PendingLayer(CacheLayer):
@@ -331,15 +333,17 @@ class CompressedCache(HookedCache):
             layers = self._build(plan)
         else:
             self.shared, self.config = SharedState(model, track_positions=False), {}
+            self.uses_latent_attention = False
             layers = [PendingLayer(i, self.shared) for i in range(len(self._windows))]
         super().__init__(layers=layers)
 
     def _build(self, plan: LayerPlan) -> list[CacheLayer]:
         self.shared = SharedState(self._model, plan.track_positions)
         self.config = plan.config
-        layers = [SlidingWindowLayer(i, self.shared, window) if window else plan.factory(i, self.shared)
-                  for i, window in enumerate(self._windows)]
-        if any(getattr(layer, "latent", False) for layer in layers):
+        layers = [SlidingWindowLayer(i, self.shared, window) if window and not plan.sliding_too
+                  else plan.factory(i, self.shared) for i, window in enumerate(self._windows)]
+        self.uses_latent_attention = any(getattr(layer, "latent", False) for layer in layers)
+        if self.uses_latent_attention:
             self._releases.append(attach(self._model, latent_attention=True))
         return layers
 
@@ -352,6 +356,18 @@ class CompressedCache(HookedCache):
     @property
     def closed(self) -> bool:
         return not self._finalizer.alive
+
+    def fork(self) -> "CompressedCache":
+        """An independent copy of everything this cache holds, on the same model: e.g. one compressed context,
+        then several questions asked of it, each from the state after the context."""
+        if self.closed or self._plan_for_prompt is not None:
+            raise OjaKVError("fork a cache after its prompt and before closing it")
+        twin = copy.copy(self)
+        memo = {id(module): module for module in self._model.modules()}  # the model is shared, not copied
+        twin.layers, twin.shared = copy.deepcopy((self.layers, self.shared), memo)
+        twin._releases = [attach(self._model, latent_attention=self.uses_latent_attention)]
+        twin._finalizer = weakref.finalize(twin, _release_all, twin._releases)
+        return twin
 
     def __enter__(self) -> "CompressedCache":
         return self

@@ -17,6 +17,8 @@ from .atomic import atomic_path
 from .errors import OjaKVError
 
 DEFAULT_MODEL = "smollm2-135m"
+DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_SAMPLES = 22  # a cell's Wilson 95% interval at accuracy 0.5 is then ±0.19 (±0.20 at 20)
 
 
 def _knob_fields() -> dict[str, dataclasses.Field]:
@@ -45,12 +47,28 @@ def _given_knobs(args: argparse.Namespace, config_class: type) -> dict:
             for name, text in given.items()}
 
 
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model name (`ojakv models` lists them), local HF "
+                        "folder or hub id")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES,
+                        help="weights and KV cache dtype (bfloat16: the 16-bit cache users run; budgets are "
+                             "against a full cache of this dtype)")
+
+
+def _load(args, device: str = "cpu"):
+    import torch
+
+    from .models import load_model
+
+    return load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ojakv", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text with a compressed KV cache and report its memory")
-    gen.add_argument("--model", default=DEFAULT_MODEL, help="embedded model name, local HF folder or hub id")
+    _add_model_flags(gen)
     gen.add_argument("--method", default="ojakv", help="compression method (`ojakv methods` lists them)")
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="prompt text")
@@ -67,14 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_knob_flags(gen)
 
     cal = sub.add_parser("calibrate", help="fit per-layer, per-head PCA bases on calibration text")
-    cal.add_argument("--model", default=DEFAULT_MODEL)
+    _add_model_flags(cal)
     cal.add_argument("--text-file", type=Path, help="calibration text (default: the essays' calibration split)")
     cal.add_argument("--max-tokens", type=int, default=8192)
     cal.add_argument("--chunk-tokens", type=int, default=2048)
     cal.add_argument("--out", type=Path, help="output .safetensors (default: the cache folder, used automatically)")
 
     ev = sub.add_parser("eval", help="accuracy / perplexity against held bytes, for methods side by side")
-    ev.add_argument("--model", default=DEFAULT_MODEL)
+    _add_model_flags(ev)
     ev.add_argument("--methods", default="full,ojakv",
                     help="comma-separated method specs; knobs after a colon, joined by '+': "
                          "ojakv:key_mode=post_rope+policy=residual")
@@ -82,15 +100,31 @@ def build_parser() -> argparse.ArgumentParser:
                     "a budget to their knobs; empty: run each method with its own knobs)")
     ev.add_argument("--tasks", default="passkey", help="tasks or suites: passkey, ruler, niah_single_1..3, ppl")
     ev.add_argument("--lengths", default="2048", help="context lengths in tokens of the model's tokenizer")
-    ev.add_argument("--samples", type=int, default=5, help="samples per task and length")
+    ev.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
+                    help="contexts per task and length (tasks with several questions per context record each)")
+    ev.add_argument("--no-shared-prefill", action="store_true",
+                    help="give every method its own prefill instead of deriving caches from one full-precision "
+                         "prefill per context (same results, slower; for checking)")
     ev.add_argument("--placements", default="after", help="after (question after the compressed context), "
                     "inside (question inside the compressed prompt), or both: after,inside")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--max-new-tokens", type=int, default=16)
     ev.add_argument("--out", type=Path, required=True, help="output folder (re-running resumes it)")
 
+    fid = sub.add_parser("fidelity", help="attention-output error per layer and next-token KL against the full "
+                         "cache, no generation (cheap enough for every method and budget)")
+    _add_model_flags(fid)
+    fid.add_argument("--methods", default="full,ojakv", help="method specs as for `ojakv eval`")
+    fid.add_argument("--budgets", default="", help="held-bytes budgets, e.g. 0.5,0.25")
+    fid.add_argument("--texts", default="essays,passkey",
+                     help="essays (held-out essay text) and/or task names (their prompts, answer as continuation)")
+    fid.add_argument("--length", type=int, default=2048, help="context tokens the cache compresses")
+    fid.add_argument("--continuation", type=int, default=64, help="essay tokens measured after the context")
+    fid.add_argument("--samples", type=int, default=2, help="texts of each kind")
+    fid.add_argument("--out", type=Path, required=True, help="output folder: fidelity.jsonl, fidelity.md, plot")
+
     bench = sub.add_parser("bench", help="prefill / decode time and memory, methods side by side with full")
-    bench.add_argument("--model", default=DEFAULT_MODEL)
+    _add_model_flags(bench)
     bench.add_argument("--methods", default="full,ojakv", help="method specs as for `ojakv eval`")
     bench.add_argument("--lengths", default="1024,2048,4096,8000")
     bench.add_argument("--repeats", type=int, default=3)
@@ -108,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         commands = {"generate": _generate, "calibrate": _calibrate, "eval": _eval, "bench": _bench,
-                    "methods": _methods}
+                    "fidelity": _fidelity, "methods": _methods}
         return commands[args.command](args)
     except OjaKVError as exc:
         print(f"ojakv: error: {exc}", file=sys.stderr)
@@ -147,7 +181,6 @@ def _specs(text: str):
 
 def _bench(args) -> int:
     from .evaluation.bench import bench_table, plot_decode_time, run_bench
-    from .models import load_model
 
     specs = _specs(args.methods)
     lengths = _split(args.lengths, int, "lengths")
@@ -158,7 +191,7 @@ def _bench(args) -> int:
     _check_device(args.device)
     _check_output_file(args.json_out, "--json")
     _check_output_file(args.plot, "--plot")
-    model, tokenizer = load_model(args.model, device=args.device)
+    model, tokenizer = _load(args, device=args.device)
     _check_context(model, max(lengths), args.decode_tokens, "--lengths", "--decode-tokens")
     records = run_bench(model, tokenizer, specs, lengths, repeats=args.repeats, decode_tokens=args.decode_tokens)
     print(bench_table(records))
@@ -204,7 +237,6 @@ def _check_out_folder(path: Path) -> None:
 
 def _eval(args) -> int:
     from .evaluation import run_sweep, write_reports
-    from .models import load_model
 
     specs = _specs(args.methods)
     budgets = _split(args.budgets, float, "budgets") or [None]
@@ -216,10 +248,10 @@ def _eval(args) -> int:
     if args.max_new_tokens < 1:
         raise OjaKVError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     _check_out_folder(args.out)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = _load(args)
     run_sweep(model, tokenizer, specs, tasks=args.tasks.split(","), lengths=lengths, samples=args.samples,
               budgets=budgets, placements=args.placements.split(","), out_dir=args.out, seed=args.seed,
-              max_new_tokens=args.max_new_tokens)
+              max_new_tokens=args.max_new_tokens, share_prefill=not args.no_shared_prefill)
     rows = write_reports(args.out)
     from .evaluation.report import markdown_table
 
@@ -228,9 +260,38 @@ def _eval(args) -> int:
     return 0
 
 
+def _fidelity(args) -> int:
+    from .evaluation import fidelity
+
+    specs = _specs(args.methods)
+    budgets = _split(args.budgets, float, "budgets") or [None]
+    if args.length < 128 or args.continuation < 2 or args.samples < 1:
+        raise OjaKVError("give --length >= 128, --continuation >= 2 and --samples >= 1")
+    _check_out_folder(args.out)
+    kinds = [kind for kind in args.texts.split(",") if kind]
+    for kind in kinds:  # unknown task names fail before the model loads
+        if kind != "essays" and (kind == "ppl" or kind in fidelity.SUITES or not fidelity.known_task(kind)):
+            raise OjaKVError(f"--texts takes essays or task names (e.g. passkey, niah_single_2), got {kind!r}")
+    model, tokenizer = _load(args)
+    _check_context(model, args.length, args.continuation + 64, "--length", "--continuation")
+    texts = []
+    for kind in kinds:
+        for index in range(args.samples):
+            texts.append(fidelity.essay_text(tokenizer, args.length, args.continuation, index) if kind == "essays"
+                         else fidelity.task_text(tokenizer, kind, args.length, index))
+    records = fidelity.run_fidelity(model, specs, budgets, texts)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "fidelity.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    table = fidelity.fidelity_table(records)
+    (args.out / "fidelity.md").write_text(table)
+    fidelity.plot_layer_errors(records, args.out / "fidelity_layers.png")
+    print(table)
+    print(f"records, fidelity.md and fidelity_layers.png in {args.out}")
+    return 0
+
+
 def _calibrate(args) -> int:
     from .calibration import calibrate
-    from .models import load_model
 
     from .calibration import SKIP_FIRST
 
@@ -239,7 +300,7 @@ def _calibrate(args) -> int:
                          f"tokens are skipped), got {args.chunk_tokens} and {args.max_tokens}")
     _check_output_file(args.out, "--out")
     text = _read_text(args.text_file) if args.text_file else None
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = _load(args)
     path = calibrate(model, tokenizer, text, chunk_tokens=args.chunk_tokens, max_tokens=args.max_tokens,
                      path=args.out)
     print(f"calibration written to {path}")
@@ -262,7 +323,6 @@ def _generate(args) -> int:
     from .api import make_cache
     from .hf import cache_kwargs
     from .methods import check_budget, get_method
-    from .models import load_model
 
     spec = get_method(args.method)
     knobs = _given_knobs(args, spec.config_class)
@@ -273,7 +333,7 @@ def _generate(args) -> int:
         check_budget(args.method, args.budget, knobs)
     text = _user_text(args)  # read and checked before the model loads: bad input fails fast
     _check_output_file(args.json_out, "--json")
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = _load(args)
     prompt, expected = _prompt_text(args, text, tokenizer)
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     n_prompt = ids.input_ids.shape[1]

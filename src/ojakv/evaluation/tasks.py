@@ -25,14 +25,33 @@ NEEDLE_GRID = tuple(i / 10 for i in range(11))  # the needle-grid task's depths,
 
 
 @dataclass
+class Query:
+    """One question about a sample's context (the question and the start of the answer) and what it must name."""
+
+    question: str
+    answers: list[str]
+
+
+@dataclass
 class Sample:
+    """A context and the questions asked about it. Tasks that plant several needles but ask for one ask for each
+    of them in turn: every query is scored as a sample of its own, and a runner that compresses the context once
+    spends one prefill on all of them. ``length`` counts the context and the first query."""
+
     task: str
     length: int
     index: int
     context: str
-    question: str
-    answers: list[str]
+    queries: list[Query]
     meta: dict = field(default_factory=dict)
+
+    @property
+    def question(self) -> str:
+        return self.queries[0].question
+
+    @property
+    def answers(self) -> list[str]:
+        return self.queries[0].answers
 
 
 def string_match_all(completion: str, answers: list[str]) -> float:
@@ -45,7 +64,7 @@ def _passkey(tokenizer, length: int, index: int, seed: int) -> Sample:
     depth = DEPTH_GRID[index % len(DEPTH_GRID)]
     prompt, key = passkey_prompt(tokenizer, length, seed=seed * 100_003 + index, depth=depth)
     suffix = f"\n\n{QUESTION} {ANSWER_START}"
-    return Sample("passkey", length, index, prompt[: -len(suffix)], suffix, [key], {"depth": depth})
+    return Sample("passkey", length, index, prompt[: -len(suffix)], [Query(suffix, [key])], {"depth": depth})
 
 
 _KEY_WORDS = ["amber", "basin", "cobalt", "delta", "ember", "fjord", "granite", "harbor", "indigo", "juniper",
@@ -95,23 +114,33 @@ def _niah(name: str, haystack: str, value_kind: str, *, key_kind: str = "word", 
         values = {key: [_value(rng, value_kind) for _ in range(values_per_key)] for key in keys}
         planted = [_kv(key, value, value_kind) for key in keys for value in values[key]]
         needle_list = list(zip(planted, _depths(len(planted), rng, index, grid)))
-        asked = keys[:queries]
-        answers = [value for key in asked for value in values[key]]
-        ask_keys = ", ".join(asked)
-        plural = "s" if queries > 1 or values_per_key > 1 else ""
-        ask = f"What are all the special magic {value_kind}s for {ask_keys} mentioned in the text above?" \
-            if plural else f"What is the special magic {value_kind} for {ask_keys} mentioned in the text above?"
-        answer_start = f"The special magic {value_kind}{plural} for {ask_keys} mentioned in the text {'are' if plural else 'is'}"
+        # A question for ``queries`` keys at a time: the first group, then (one key asked per question) each other
+        # planted key in turn, as separate queries of the same context.
+        groups = [keys[:queries]] if queries > 1 else [[key] for key in keys]
+        asked = [_ask(group, value_kind, values_per_key) for group in groups]
         filler = None
         if kv_filler:  # distractors: the same sentence shape with other keys and values
             filler = " ".join(_kv(_key(rng, key_kind), _value(rng, value_kind), value_kind) for _ in range(400))
+        ask, answer_start = asked[0]
         prompt = haystack_prompt(tokenizer, length, needle_list, f"{ask}\n{answer_start}", haystack=haystack,
                                  filler_text=filler)
-        suffix = f"\n\n{ask} {answer_start}"
+        context = prompt[: -len(f"\n\n{ask} {answer_start}")]
+        found = [Query(f"\n\n{ask} {start}", [value for key in group for value in values[key]])
+                 for group, (ask, start) in zip(groups, asked)]
         depths = [round(d, 3) for _, d in needle_list]
-        return Sample(name, length, index, prompt[: -len(suffix)], suffix, answers, {"depths": depths})
+        return Sample(name, length, index, context, found, {"depths": depths})
 
     return make
+
+
+def _ask(keys: list[str], value_kind: str, values_per_key: int) -> tuple[str, str]:
+    """The question for ``keys`` and the start of its answer, RULER's wording."""
+    ask_keys = ", ".join(keys)
+    plural = "s" if len(keys) > 1 or values_per_key > 1 else ""
+    ask = f"What are all the special magic {value_kind}s for {ask_keys} mentioned in the text above?" \
+        if plural else f"What is the special magic {value_kind} for {ask_keys} mentioned in the text above?"
+    answer_start = f"The special magic {value_kind}{plural} for {ask_keys} mentioned in the text {'are' if plural else 'is'}"
+    return ask, answer_start
 
 
 def _variable_tracking(tokenizer, length: int, index: int, seed: int) -> Sample:
@@ -130,7 +159,7 @@ def _variable_tracking(tokenizer, length: int, index: int, seed: int) -> Sample:
                    f"assigned the value {value}, they are:"
     prompt = haystack_prompt(tokenizer, length, needles, f"{ask}\n{answer_start}")
     suffix = f"\n\n{ask} {answer_start}"
-    return Sample("vt", length, index, prompt[: -len(suffix)], suffix, names, {})
+    return Sample("vt", length, index, prompt[: -len(suffix)], [Query(suffix, names)], {})
 
 
 @functools.lru_cache(maxsize=1)
@@ -176,7 +205,7 @@ def _common_words(tokenizer, length: int, index: int, seed: int) -> Sample:
         if len(tokenizer(build(0) + question, add_special_tokens=False).input_ids) <= length // 2:
             break
     context, _ = _fit(tokenizer, length, build, question)
-    return Sample("cwe", length, index, context, question, common, {"repeats": times_common})
+    return Sample("cwe", length, index, context, [Query(question, common)], {"repeats": times_common})
 
 
 def _frequent_words(tokenizer, length: int, index: int, seed: int) -> Sample:
@@ -194,7 +223,7 @@ def _frequent_words(tokenizer, length: int, index: int, seed: int) -> Sample:
     question = f"\n\n{ask} Answer: The top 3 words that appear most often in the coded text are:"
     context, size = _fit(tokenizer, length, build, question)
     counts = Counter(stream[:size])
-    return Sample("fwe", length, index, context, question, [w for w, _ in counts.most_common(3)], {})
+    return Sample("fwe", length, index, context, [Query(question, [w for w, _ in counts.most_common(3)])], {})
 
 
 # name -> generator(tokenizer, length, index, seed) -> Sample. RULER names map to their closest local form.

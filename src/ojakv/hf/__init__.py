@@ -24,7 +24,7 @@ from .architecture import (
     rotary_embedding,
     sliding_windows,
 )
-from .attention import is_latent_enabled, post_body
+from .attention import is_latent_enabled, post_body, take_posted_body
 from .compat import INSTALLED, SUPPORTED_RANGE, cache_argument, cache_keyword, cache_kwargs, describe_installed
 from .hooks import attach, is_attached
 from .protocol import AttentionInputs, Cache, CacheLayerMixin, HookedCache

@@ -58,6 +58,11 @@ def post_body(module: torch.nn.Module, body: LowRankBody) -> None:
     _posted[module] = body
 
 
+def take_posted_body(module: torch.nn.Module) -> LowRankBody | None:
+    """The body a layer posted for this module's next attention call (removed from the table), or None."""
+    return _posted.pop(module, None)
+
+
 def clear_posted(modules) -> None:
     for module in modules:
         _posted.pop(module, None)
@@ -65,7 +70,7 @@ def clear_posted(modules) -> None:
 
 def dispatch(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """transformers' attention signature: query [b, H, q, d]; key/value [b, h, m, d]; returns ([b, q, H, d], None)."""
-    body = _posted.pop(module, None)
+    body = take_posted_body(module)
     if body is None:
         inner = module.config._attn_implementation.removeprefix(PREFIX)
         function = ALL_ATTENTION_FUNCTIONS.get_interface(inner, _eager)

@@ -58,6 +58,9 @@ class Method:
     reference: str = ""
     for_budget: Callable[..., Sizing] | None = None
     size_knobs: tuple[str, ...] = ()
+    # Whether the prompt's own attention runs on full-precision K/V for this config (compression follows the
+    # prefill): then its cache can be derived from one shared full-precision prefill (ojakv.prefill).
+    full_prefill: Callable[[Any], bool] = lambda config: False
 
     def knobs(self) -> list[dict]:
         return [
@@ -77,6 +80,10 @@ class Method:
         if validate is not None:
             validate()
         return config
+
+
+def always(config) -> bool:
+    return True
 
 
 def check_budget(name: str, budget: float, knobs: dict) -> Method:

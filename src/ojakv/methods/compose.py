@@ -17,7 +17,7 @@ import torch
 
 from ..cache import SharedState, StepInputs
 from ..storage import GrowableTensor
-from . import Method, Sizing, knob, largest_within, register
+from . import Method, Sizing, always, knob, largest_within, register
 from .ojakv import OjaKVConfig, OjaKVLayer, budget_to_rank, build_low_rank, held_bytes_per_head
 from .snapkv import SnapKVConfig, SnapKVLayer
 
@@ -103,5 +103,5 @@ def _for_budget(knobs, geometry, prompt_tokens, new_tokens, dtype_bytes, budget)
 
 register(Method(name="snapkv+ojakv", summary="SnapKV picks each head's prompt tokens, OjaKV stores them low-rank",
                 config_class=SnapKVOjaKVConfig, build=_build, for_budget=_for_budget,
-                size_knobs=("capacity", "rank", "rank_ratio", "energy"),
+                size_knobs=("capacity", "rank", "rank_ratio", "energy"), full_prefill=always,
                 reference="Li et al. arXiv 2404.14469 + Zhu et al. arXiv 2509.21623 (composition)"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..cache import FullLayer
-from . import Method, register
+from . import Method, always, register
 
 
 @dataclass
@@ -23,5 +23,6 @@ register(
         summary="every key and value at full precision (reference)",
         config_class=FullConfig,
         build=_build,
+        full_prefill=always,
     )
 )

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import OjaKVError
 from ..memory import nbytes
-from . import Method, Sizing, knob, largest_within, register
+from . import Method, Sizing, always, knob, largest_within, register
 from .selection import SelectionLayer, attention_votes, current_attention, held_tokens, top_tokens_with_window
 from .snapkv import capacity_for_budget, kept_fraction
 
@@ -120,9 +120,9 @@ def _h2o_prefill_budget(knobs, geometry, prompt_tokens, new_tokens, dtype_bytes,
 
 register(Method(name="h2o", summary="heavy hitters by accumulated attention + recent window; evicts while decoding",
                 config_class=H2OConfig, build=lambda model, config: ((lambda i, s: H2OLayer(i, s, config)), False),
-                reference="Zhang et al., H2O, arXiv 2306.14048", for_budget=_h2o_budget, size_knobs=("heavy", "recent")))
+                reference="Zhang et al., H2O, arXiv 2306.14048", for_budget=_h2o_budget, size_knobs=("heavy", "recent"), full_prefill=always))
 register(Method(name="h2o-prefill", summary="one-shot H2O: prompt tokens by attention received, at prefill only",
                 config_class=H2OPrefillConfig,
                 build=lambda model, config: ((lambda i, s: H2OPrefillLayer(i, s, config)), False),
                 reference="Zhang et al., H2O, arXiv 2306.14048 (one-shot variant of later papers)",
-                for_budget=_h2o_prefill_budget, size_knobs=("capacity",)))
+                for_budget=_h2o_prefill_budget, size_knobs=("capacity",), full_prefill=always))

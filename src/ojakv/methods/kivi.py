@@ -5,7 +5,8 @@ a float16 scale and minimum; values per token, groups of ``group`` channels. The
 precision: keys until ``residual`` of them have gathered (then the block is quantized), values beyond the last
 ``residual`` are quantized ``group`` tokens at a time (KIVI quantizes them one by one; grouping them keeps the
 block count small and holds at most ``group`` − 1 extra tokens in full precision). Codes are packed into bytes,
-so the held bytes are the bits. Attention runs on dequantized keys and values (reconstruct path).
+so the held bytes are the bits. The prompt attends to its own full-precision keys and values; later calls run
+attention on dequantized keys and values (reconstruct path).
 Defaults: 2 bits, group 32, 128 full-precision tokens (the reference's documented setting).
 """
 
@@ -20,7 +21,7 @@ from ..errors import OjaKVError
 from ..memory import nbytes
 from ..hf import geometry
 from ..quantize import SUPPORTED_BITS, Quantized, dequantize, quantize
-from . import Method, Sizing, knob, largest_within, register
+from . import Method, Sizing, always, knob, largest_within, register
 
 
 @dataclass
@@ -48,16 +49,19 @@ class KIVILayer(CacheLayer):
 
     def update(self, key_states, value_states, *args, **kwargs):
         _, step = self.begin_update(key_states, value_states)
+        prompt = self.keys_fp is None
         real = step.valid[:, None, :, None]  # padding is masked in attention; zero it so it cannot stretch a range
-        key_states, value_states = key_states * real, value_states * real
-        if self.keys_fp is None:
-            self.keys_fp, self.values_fp = key_states, value_states
+        keys, values = key_states * real, value_states * real
+        if prompt:
+            self.keys_fp, self.values_fp = keys, values
         else:
-            self.keys_fp = torch.cat([self.keys_fp, key_states], dim=2)
-            self.values_fp = torch.cat([self.values_fp, value_states], dim=2)
-        self.seen += key_states.shape[2]
+            self.keys_fp = torch.cat([self.keys_fp, keys], dim=2)
+            self.values_fp = torch.cat([self.values_fp, values], dim=2)
+        self.seen += keys.shape[2]
         self._quantize_old_tokens()
-        return self._materialize()
+        # The prompt attends to its own full-precision keys and values, as in the paper: quantization is for
+        # what the cache keeps. Later calls attend to the stored (dequantized) tokens.
+        return (key_states, value_states) if prompt else self._materialize()
 
     def _quantize_old_tokens(self) -> None:
         r, g, bits = self.config.residual, self.config.group, self.config.bits
@@ -109,4 +113,4 @@ def _for_budget(knobs, geometry, prompt_tokens, new_tokens, dtype_bytes, budget)
 
 register(Method(name="kivi", summary="2/4-bit asymmetric quantization (keys per channel, values per token), packed",
                 config_class=KIVIConfig, build=_build, reference="Liu et al., KIVI, arXiv 2402.02750",
-                for_budget=_for_budget, size_knobs=("bits",)))
+                for_budget=_for_budget, size_knobs=("bits",), full_prefill=always))

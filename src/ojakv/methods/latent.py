@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import Method, knob, register
-from .ojakv import LOW_RANK_SIZE, OjaKVConfig, budget_to_rank, build_low_rank
+from .ojakv import LOW_RANK_SIZE, OjaKVConfig, budget_to_rank, build_low_rank, prefill_attends_in_full
 
 
 @dataclass
@@ -41,4 +41,5 @@ for name, config_class, summary, reference in (
      "DeepSeek-V2 MLA, arXiv 2405.04434; Palu, arXiv 2407.21118"),
 ):
     register(Method(name=name, summary=summary, config_class=config_class, build=build_low_rank,
-                    reference=reference, for_budget=budget_to_rank(config_class), size_knobs=LOW_RANK_SIZE))
+                    reference=reference, for_budget=budget_to_rank(config_class), size_knobs=LOW_RANK_SIZE,
+                    full_prefill=prefill_attends_in_full))

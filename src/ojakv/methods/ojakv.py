@@ -416,6 +416,10 @@ def held_bytes_per_head(config: OjaKVConfig, geometry, prompt_tokens: int, new_t
 LOW_RANK_SIZE = ("rank", "rank_ratio", "energy")
 
 
+def prefill_attends_in_full(config: OjaKVConfig) -> bool:
+    return config.prefill_attention == "full"
+
+
 def budget_to_rank(config_class: type):
     """A ``for_budget`` for low-rank methods: the largest rank whose predicted held bytes (``held_bytes_per_head``
     with this config class's anchors and policy) stay within the budget."""
@@ -453,4 +457,4 @@ for name, config_class, summary in (
 ):
     register(Method(name=name, summary=summary, config_class=config_class, build=build_low_rank,
                     reference="Zhu et al., OjaKV, arXiv 2509.21623", for_budget=budget_to_rank(config_class),
-                    size_knobs=LOW_RANK_SIZE))
+                    size_knobs=LOW_RANK_SIZE, full_prefill=prefill_attends_in_full))

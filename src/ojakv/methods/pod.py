@@ -228,12 +228,13 @@ class PoDLayer(CacheLayer):
         self.owned = [GrowableTensor(dim=1) if base == layer_idx else None for base in bases]
         self.sinks = [None if base == layer_idx else GrowableTensor(dim=1) for base in bases]
         self.recent: list[torch.Tensor | None] = [None] * len(bases)
-        self.sink_columns: int | None = None  # fixed at the first call: left padding + n_sink
+        self.sink_columns = config.n_sink  # grows by each call's left padding (a prefill may come in chunks)
 
     def update(self, key_states, value_states, *args, **kwargs):
         _, step = self.begin_update(key_states, value_states)
-        if self.sink_columns is None:
-            self.sink_columns = int((~step.valid).sum(-1).max()) + self.config.n_sink
+        # Left padding is a prefix and the most-padded row is the same in every call, so the per-call maxima add
+        # up to the longest padding even when the first chunk is shorter than it.
+        self.sink_columns += int((~step.valid).sum(-1).max())
         self.values_buf.append(value_states)
         for head, base in enumerate(self.bases):
             if base == self.layer_idx:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import OjaKVError
-from . import Method, knob, register
+from . import Method, always, knob, register
 from .snapkv import SnapKVConfig, SnapKVLayer, _for_budget
 
 
@@ -58,4 +58,4 @@ def _build(model, config: PyramidKVConfig):
 
 register(Method(name="pyramidkv", summary="SnapKV selection with layer capacities decreasing linearly with depth",
                 config_class=PyramidKVConfig, build=_build, reference="Cai et al., PyramidKV, arXiv 2406.02069",
-                for_budget=_for_budget, size_knobs=("capacity",)))
+                for_budget=_for_budget, size_knobs=("capacity",), full_prefill=always))

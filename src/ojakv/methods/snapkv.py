@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from ..errors import OjaKVError
 from ..storage import growth_slack
-from . import Method, Sizing, knob, register
+from . import Method, Sizing, always, knob, register
 from .selection import SelectionLayer, attention_votes, pool_scores, top_tokens_with_window
 
 
@@ -74,4 +74,4 @@ def _for_budget(knobs, geometry, prompt_tokens, new_tokens, dtype_bytes, budget)
 
 register(Method(name="snapkv", summary="prefill-only top-k tokens by observation-window attention (per KV head)",
                 config_class=SnapKVConfig, build=_build, reference="Li et al., SnapKV, arXiv 2404.14469",
-                for_budget=_for_budget, size_knobs=("capacity",)))
+                for_budget=_for_budget, size_knobs=("capacity",), full_prefill=always))

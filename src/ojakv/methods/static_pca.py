@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import Method, knob, register
-from .ojakv import LOW_RANK_SIZE, OjaKVConfig, budget_to_rank, build_low_rank
+from .ojakv import LOW_RANK_SIZE, OjaKVConfig, budget_to_rank, build_low_rank, prefill_attends_in_full
 
 
 @dataclass
@@ -32,4 +32,5 @@ for name, config_class, summary in (
 ):
     register(Method(name=name, summary=summary, config_class=config_class, build=build_low_rank,
                     reference="OjaKV paper baselines (Zhu et al., arXiv 2509.21623)",
-                    for_budget=budget_to_rank(config_class), size_knobs=LOW_RANK_SIZE))
+                    for_budget=budget_to_rank(config_class), size_knobs=LOW_RANK_SIZE,
+                    full_prefill=prefill_attends_in_full))

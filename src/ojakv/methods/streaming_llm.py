@@ -18,7 +18,7 @@ import torch
 
 from ..errors import OjaKVError
 from ..rope import apply_rope, undo_rope
-from . import Method, Sizing, knob, largest_within, register
+from . import Method, Sizing, always, knob, largest_within, register
 from .selection import held_tokens
 from .selection import SelectionLayer
 
@@ -97,4 +97,4 @@ def _for_budget(knobs, geometry, prompt_tokens, new_tokens, dtype_bytes, budget)
 
 register(Method(name="streaming-llm", summary="attention sinks + a sliding window; evicts while decoding",
                 config_class=StreamingLLMConfig, build=_build, reference="Xiao et al., StreamingLLM, arXiv 2309.17453",
-                for_budget=_for_budget, size_knobs=("window",)))
+                for_budget=_for_budget, size_knobs=("window",), full_prefill=always))

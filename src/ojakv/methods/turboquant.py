@@ -28,7 +28,8 @@ once numerically, quantizes every coordinate near-optimally without calibration.
   two with MSE keys; at 3.5 bits 2.0% (prod) or 1.3% (mse) of a float32 full cache of 3,000 tokens at d = 64,
   more for short prompts. Padding is stored as zero vectors (zero norm, so nothing is divided by zero); norms
   beyond float16's range are clamped.
-- **Attention** runs on dequantized keys and values (reconstruct path, as ``kivi``).
+- **Attention**: the prompt attends to its own full-precision keys and values (compression is for what the cache
+  keeps); later calls run on dequantized keys and values (reconstruct path, as ``kivi``).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from ..memory import nbytes
 from ..hf import geometry
 from ..quantize import pack_bits, unpack_bits
 from ..storage import GrowableTensor
-from . import Method, Sizing, knob, largest_within, register
+from . import Method, Sizing, always, knob, largest_within, register
 from .kivi import KIVILayer
 
 BITS = (2, 2.5, 3, 3.5, 4)
@@ -376,4 +377,4 @@ def _for_budget(knobs, geometry, prompt_tokens, new_tokens, dtype_bytes, budget)
 register(Method(name="turboquant",
                 summary="random rotation + Lloyd-Max codebook per coordinate (QJL-corrected keys optional); 2-4 bits, packed",
                 config_class=TurboQuantConfig, build=_build, reference="Zandieh et al., TurboQuant, arXiv 2504.19874",
-                for_budget=_for_budget, size_knobs=("bits",)))
+                for_budget=_for_budget, size_knobs=("bits",), full_prefill=always))
