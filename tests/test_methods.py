@@ -259,3 +259,28 @@ def test_votes_use_the_model_s_own_scale_and_soft_capping(monkeypatch):
         probs = model(ids, output_attentions=True).attentions[1][0]  # the global layer, [H, n, n]
     reference = probs[:, -8:].sum(1).view(2, 2, -1).mean(1)
     assert torch.allclose(captured[1][0], reference, atol=1e-5)
+
+
+def _conversation(model, cache, turns, new_tokens: int = 5):
+    """Greedy replies to each turn in turn, the cache carried from one generate call to the next (as a chat does);
+    returns every reply's logits, [turns · new_tokens, b, vocab]."""
+    ids = torch.empty(1, 0, dtype=torch.long)
+    scores = []
+    for turn in turns:
+        ids = torch.cat([ids, turn], dim=1)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True, pad_token_id=0, **kv(cache))
+        ids = out.sequences
+        scores.append(torch.stack(out.logits))
+    return torch.cat(scores)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_cache_carries_a_three_turn_conversation_like_dynamic_cache(tiny, method):
+    gen = torch.Generator().manual_seed(18)
+    turns = [torch.randint(3, tiny.config.vocab_size, (1, n), generator=gen) for n in (60, 17, 23)]
+    reference = _conversation(tiny, full_cache(tiny), turns)
+    with ojakv.make_cache(tiny, method, **NO_COMPRESSION[method]) as cache:
+        assert (_conversation(tiny, cache, turns) - reference).abs().max() <= 1e-4

@@ -353,3 +353,28 @@ def test_converted_logits_equal_gguf_logits(converted):
         expected = gguf_model(ids).logits
         actual = converted.model(ids).logits
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+
+
+def test_random_shapes_have_the_published_geometry():
+    from ojakv.hf.loading import random_model
+    from ojakv.models import RANDOM_SHAPES
+
+    model_type, shape = RANDOM_SHAPES["random-llama3-8b"]
+    g = geometry(SimpleNamespace(model_type=model_type, **shape))
+    assert (g.num_layers, g.num_kv_heads, g.head_dim) == (32, 8, 128)
+    assert 2 * g.num_layers * g.num_kv_heads * g.head_dim * 2 == 128 * 1024  # 128 KiB per token in bfloat16
+    small = random_model(model_type, {**shape, "num_hidden_layers": 1, "hidden_size": 256, "intermediate_size": 512,
+                                      "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+                                      "vocab_size": 1000}, dtype=torch.bfloat16, device="cpu")
+    assert small.dtype == torch.bfloat16 and small.config.num_key_value_heads == 2
+    check_supported(small.config)
+
+
+def test_the_bench_feeds_a_model_without_a_tokenizer_random_ids():
+    from ojakv.evaluation import MethodSpec
+    from ojakv.evaluation.bench import run_bench
+
+    model = tiny_model("llama", num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16, max_context=1024)
+    (record,) = run_bench(model, None, [MethodSpec.parse("snapkv:capacity=64,window=8")], [200], repeats=1,
+                          decode_tokens=2, progress=False)
+    assert record["held_bytes"] < record["full_bytes"]

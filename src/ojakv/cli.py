@@ -55,12 +55,15 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
                              "against a full cache of this dtype)")
 
 
-def _load(args, device: str = "cpu"):
+def _load(args, device: str = "cpu", *, needs_tokenizer: bool = True):
     import torch
 
     from .models import load_model
 
-    return load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
+    if tokenizer is None and needs_tokenizer:
+        raise OjaKVError(f"{args.model} has random weights and no tokenizer: it is for `ojakv bench` only")
+    return model, tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,7 +206,7 @@ def _bench(args) -> int:
     _check_device(args.device)
     _check_output_file(args.json_out, "--json")
     _check_output_file(args.plot, "--plot")
-    model, tokenizer = _load(args, device=args.device)
+    model, tokenizer = _load(args, device=args.device, needs_tokenizer=False)
     _check_context(model, max(lengths), args.decode_tokens, "--lengths", "--decode-tokens")
     records = run_bench(model, tokenizer, specs, lengths, repeats=args.repeats, decode_tokens=args.decode_tokens)
     print(bench_table(records))

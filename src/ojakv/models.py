@@ -25,7 +25,7 @@ import torch
 from .atomic import atomic_path
 from .errors import OjaKVError
 from .hf.architecture import attention_implementation, attention_modules, check_supported, head_dim
-from .hf.loading import read_config, read_gguf, read_pretrained, save_folder
+from .hf.loading import random_model, read_config, read_gguf, read_pretrained, save_folder
 from .paths import cache_dir
 
 
@@ -101,6 +101,16 @@ SOURCES: dict[str, ModelSource] = {
         dtype=torch.bfloat16,
         version="0.2.0",
     ),
+}
+
+# Random-weight models at the shapes of models too big to ship here, for speed only (there is no tokenizer:
+# benchmarks feed them seeded random token ids). Llama-3-8B: 32 layers, 8 KV heads of 128, 128 KiB per token in
+# bfloat16.
+RANDOM_SHAPES: dict[str, tuple[str, dict]] = {
+    "random-llama3-8b": ("llama", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                                       head_dim=128, max_position_embeddings=131072, rope_theta=500000.0,
+                                       rms_norm_eps=1e-5, attn_implementation="sdpa")),
 }
 
 # The names callers already use: EMBEDDED lists the loadable model names, the default first.
@@ -362,13 +372,17 @@ def load_model(
     device: str | torch.device = "cpu",
     progress: bool = True,
 ):
-    """Load (model, tokenizer) from a named model (``SOURCES``), a local HF folder or a hub id.
+    """Load (model, tokenizer) from a named model (``SOURCES``), a local HF folder or a hub id; a random-weight
+    model at a published shape (``RANDOM_SHAPES``) comes without a tokenizer (None).
 
     The architecture is checked from the config before the weights are read, so unsupported models fail fast.
     """
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise OjaKVError(f"load_model takes a model name, folder or hub id (a string or a path), "
                          f"got {type(name_or_path).__name__}: e.g. load_model('smollm2-135m')")
+    if name_or_path in RANDOM_SHAPES:  # made directly on the device: an 8B model is never on the CPU first
+        model_type, shape = RANDOM_SHAPES[name_or_path]
+        return random_model(model_type, shape, dtype=dtype, device=device), None
     source = _resolve(name_or_path, progress)
     try:
         config = read_config(source)

@@ -92,9 +92,14 @@ def _one_run(model, spec: MethodSpec, ids: torch.Tensor, decode_tokens: int) -> 
 
 def run_bench(model, tokenizer, specs: list[MethodSpec], lengths: list[int], *, repeats: int = 3,
               decode_tokens: int = 32, progress: bool = True) -> list[dict]:
-    """Median figures per (method, length), with ``*_vs_full`` ratios when ``full`` is among the methods."""
-    text_ids = tokenizer(essay_text("eval"), add_special_tokens=False).input_ids
+    """Median figures per (method, length), with ``*_vs_full`` ratios when ``full`` is among the methods. Without a
+    tokenizer (random-weight models) the prompt is seeded random token ids."""
     device = next(model.parameters()).device
+    if tokenizer is not None:
+        text_ids = tokenizer(essay_text("eval"), add_special_tokens=False).input_ids
+    else:
+        generator = torch.Generator().manual_seed(0)
+        text_ids = torch.randint(0, model.config.vocab_size, (max(lengths),), generator=generator).tolist()
     records = []
     for length in lengths:
         ids = torch.tensor([text_ids[:length]], device=device)

@@ -90,6 +90,18 @@ def save_folder(model, tokenizer, folder: Path, on_step=None) -> None:
             on_step("tokenizer")
 
 
+def random_model(model_type: str, shape: dict, *, dtype: torch.dtype, device, seed: int = 0):
+    """A model of ``model_type`` with the given config fields and random weights, made on ``device`` in
+    ``dtype`` (for speed measurements at the shapes of models we cannot download)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, **shape)
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
 def read_config(source: str):
     from transformers import AutoConfig
 
