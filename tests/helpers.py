@@ -36,7 +36,7 @@ def full_cache(model):
 def held_tensor_bytes(cache) -> int:
     """Walk every layer's attributes (into lists and quantized blocks) and add up the storage found."""
     from ojakv.quantize import Quantized
-    from ojakv.storage import QuantizedRows
+    from ojakv.storage import CodedRows
 
     def size(value) -> int:
         if isinstance(value, torch.Tensor):
@@ -45,7 +45,7 @@ def held_tensor_bytes(cache) -> int:
             return value.nbytes
         if isinstance(value, (list, tuple)):
             return sum(size(item) for item in value)
-        if isinstance(value, QuantizedRows):
+        if isinstance(value, CodedRows):
             return size(list(value.buffers))
         if isinstance(value, Quantized):
             return size([value.codes, value.scale, value.minimum])

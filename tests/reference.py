@@ -10,9 +10,9 @@ itself and lets a ``Reference`` object change what attention sees:
 - low rank (ojakv with eta_decode = 0, staticpca(-h), eigen, mla-latent): every non-anchor token's key and value
   replaced by its projection U Uᵀ x (pre-RoPE keys: RoPE undone, projected, redone). The bases are inputs, taken
   from the library's layers after the run (they are fixed when eta = 0);
-- quantization (kivi, turboquant, ojakv+quant): the tokens the policy says are quantized are fake-quantized
+- quantization (kivi, turboquant, ojakv+quant, ojakv-tc): the tokens the policy says are quantized are fake-quantized
   (quantized and rebuilt in plain float: KIVI's asymmetric min/max rule; TurboQuant's rotation, norm and nearest
-  Lloyd–Max centroid; OjaKV's coefficients through the min/max rule). Turboquant and ojakv+quant settle float16
+  Lloyd–Max centroid; OjaKV's coefficients through the min/max rule, or transform coded). Turboquant and ojakv+quant settle float16
   near-ties (norms, scales, minima within 1e-5 of a rounding tie) by the value the library stored, as bases are
   taken; any other decision near its boundary makes the example ambiguous;
 - composition (snapkv+ojakv): the SnapKV mask, and the low-rank projection of the held tokens;
@@ -32,7 +32,8 @@ import torch
 from transformers import AttentionInterface, DynamicCache
 
 from helpers import kv
-from ojakv.methods.turboquant import _derive_seed, codebook, random_rotations
+from ojakv.methods.turboquant import _derive_seed, random_rotations
+from ojakv.quantize import codebook
 
 NAME = "ojakv_reference"
 _ACTIVE: list["Reference"] = []
@@ -421,6 +422,45 @@ class QuantizedLowRankReference(LowRankReference):
             return None
         count = int(body[0, 0].sum())
         return tuple(part[:, :, :count].float().reshape(-1, *part.shape[3:]) for part in ranges)
+
+
+class TransformCodedLowRankReference(LowRankReference):
+    """As ``LowRankReference``, each body token's coefficient row transform coded: divided by the layer's
+    per-coefficient scales σ, its direction's every coordinate j replaced by the nearest of the 2^b_j Lloyd–Max
+    centroids (found by an explicit distance search over the codebook), and rebuilt as gain · σ ⊙ centroids with the
+    least-squares gain ⟨c, σ ⊙ ĉ⟩/‖σ ⊙ ĉ‖² in float16. The widths b_j and scales σ are inputs, taken from the library after the run, as
+    the bases are (the allocation itself is tested against a brute-force search in test_transform_coding.py).
+    ``coders(layer, role)`` gives (widths, σ [b, h, r], stored float16 gains [b, h, body, 1])."""
+
+    def __init__(self, num_layers, bases, n_sink, n_recent, key_mode, coders):
+        super().__init__(num_layers, bases, n_sink, n_recent, key_mode)
+        self.coders = coders
+
+    def code(self, coefficients, body, layer, role):
+        widths, scale, stored_gains = self.coders(layer, role)
+        count = int(body[0, 0].sum())
+        if not count:
+            return coefficients
+        rows = coefficients[body].view(*coefficients.shape[:2], count, coefficients.shape[-1])  # the same count per sequence and head
+        whitened = rows / scale[:, :, None, :]
+        norm = whitened.norm(dim=-1, keepdim=True)
+        unit = whitened / norm.clamp_min(1e-30)
+        rebuilt = torch.empty_like(unit)
+        for j, bits in enumerate(widths):
+            centroids = codebook(max(len(widths), 2), bits).float()
+            distance = (unit[..., j : j + 1] - centroids).abs()
+            nearest = distance.argmin(-1)
+            rebuilt[..., j] = centroids[nearest]
+            if centroids.numel() > 1:  # how far this coordinate is from switching to its second-nearest centroid
+                gap = distance.topk(2, dim=-1, largest=False).values
+                margin = (gap[..., 1] - gap[..., 0]) / 2 * norm[..., 0] * scale[:, :, None, j]
+                flag_boundary(self, margin, torch.ones_like(margin, dtype=torch.bool))
+        approx = rebuilt * scale[:, :, None, :]
+        gain = (rows * approx).sum(-1, keepdim=True) / (approx * approx).sum(-1, keepdim=True).clamp_min(1e-30)
+        gain16 = float16(gain, None if stored_gains is None else stored_gains[:, :, :count].float())
+        coded = coefficients.clone()
+        coded[body] = (rebuilt * gain16 * scale[:, :, None, :]).reshape(-1, rows.shape[-1])
+        return coded
 
 
 class SelectedLowRankReference(LowRankReference):

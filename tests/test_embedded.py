@@ -142,7 +142,7 @@ def test_prompt_longer_than_the_context_is_refused(smol, tmp_path, capsys):
 COMPRESSING = {"ojakv": {}, "ojakv-pf": {}, "staticpca": {}, "staticpca-h": {}, "streaming-llm": dict(window=64),
                "snapkv": dict(capacity=96), "pyramidkv": dict(capacity=96), "full": {}, "h2o": dict(heavy=48, recent=48),
                "h2o-prefill": dict(capacity=96), "kivi": {}, "eigen": {}, "mla-latent": {}, "ojakv+quant": {},
-               "pod": {}, "snapkv+ojakv": dict(capacity=96), "turboquant": dict(bits=2.5)}
+               "pod": {}, "snapkv+ojakv": dict(capacity=96), "turboquant": dict(bits=2.5), "ojakv-tc": {}}
 
 
 def test_the_batch_test_covers_every_method():

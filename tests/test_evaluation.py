@@ -200,7 +200,7 @@ NO_FILES = {"staticpca": "init=prompt", "staticpca-h": "init=prompt", "eigen": "
 # On this 2-layer model at 512 tokens: methods whose bit widths or group sizes cannot come down to 0.6.
 FLOORS_ABOVE = {"pod"}  # values stay per layer: 2 layers hold at least 0.75
 # A few bit widths, or coefficient rows padded to 16 ranks: they may hold well under the budget, never over it.
-DISCRETE = {"kivi", "turboquant", "ojakv+quant"}
+DISCRETE = {"kivi", "turboquant", "ojakv+quant", "ojakv-tc"}  # ojakv-tc: 8 bits per coefficient at most
 
 
 @pytest.mark.parametrize("method", sorted(set(__import__("ojakv").methods()) - {"full"}))

@@ -169,6 +169,26 @@ def _quantized_low_rank_reference(knobs, cache):
                                          knobs["key_mode"], knobs["coef_bits"], stored_ranges)
 
 
+def _transform_coded_reference(knobs, cache):
+    def coders(layer, role):  # the allocation and scales are inputs, as the bases are; the norms settle float16 ties
+        rows = cache.layers[layer].k_coef if role == 0 else cache.layers[layer].v_coef
+        if not hasattr(rows, "bits"):  # nothing reached the body
+            return [], None, None
+        return rows.bits, rows.scale, rows.gains.view
+
+    return ref.TransformCodedLowRankReference(LAYERS, _bases(cache), knobs["n_sink"], knobs["n_recent"],
+                                              knobs["key_mode"], coders)
+
+
+def _transform_coded_knobs(n):
+    # the prompt attends to the compressed K/V here (as the ojakv reference models it), to test the coded body
+    # from the first call; ojakv-tc's own default (full prefill attention) only changes the first call.
+    return st.fixed_dictionaries({
+        "body_bits": st.integers(1, 8 * HEAD_DIM).map(lambda total: total / HEAD_DIM),
+        "key_mode": st.sampled_from(["pre_rope", "post_rope"]), "n_sink": st.integers(0, 12),
+        "n_recent": st.integers(0, 12), "prefill_attention": st.just("compressed")})
+
+
 REFERENCES = {
     "snapkv": (_snapkv_knobs, lambda k, c: ref.SnapKVReference(LAYERS, KV_HEADS, **k)),
     "pyramidkv": (lambda n: _snapkv_knobs(n, {"beta": st.floats(1.0, 30.0)}),
@@ -199,6 +219,7 @@ REFERENCES = {
     "snapkv+ojakv": (_snapkv_ojakv_knobs, _snapkv_ojakv_reference),
     "turboquant": (_turboquant_knobs, _turboquant_reference),
     "pod": (_pod_knobs, _pod_reference),
+    "ojakv-tc": (_transform_coded_knobs, _transform_coded_reference),
 }
 # Registered methods without a reference, and why.
 NO_REFERENCE = {

@@ -84,13 +84,54 @@ class GrowableTensor:
         self.length = 0
 
 
-class QuantizedRows:
+class CodedRows:
+    """Rows ``[b, h, n, r]`` kept as codes that grow along tokens. A subclass codes rows (``append``), decodes them
+    (``view``, a float32 temporary) and names the tensors that hold them (``buffers``: growable ones, plus any
+    fixed per-head tensor). ``apply_`` decodes, transforms and codes again, so every re-expression adds one
+    rounding."""
+
+    codes: GrowableTensor
+
+    @property
+    def buffers(self) -> tuple:
+        raise NotImplementedError
+
+    @property
+    def length(self) -> int:
+        return self.codes.length
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_held(buffer, used=False) for buffer in self.buffers)
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(_held(buffer, used=True) for buffer in self.buffers)
+
+    def apply_(self, fn) -> None:
+        if self.length:
+            rows = fn(self.view)
+            self.clear()
+            self.append(rows)
+
+    def clear(self) -> None:
+        for buffer in self.buffers:
+            if isinstance(buffer, GrowableTensor):
+                buffer.clear()
+
+
+def _held(buffer, used: bool) -> int:
+    if isinstance(buffer, GrowableTensor):
+        return buffer.used_bytes if used else buffer.nbytes
+    return buffer.numel() * buffer.element_size()
+
+
+class QuantizedRows(CodedRows):
     """Rows ``[b, h, n, r]`` kept as packed ``bits``-bit codes, growing along tokens like ``GrowableTensor``.
 
     Each token's row is padded with zeros to a multiple of ``GROUP`` and quantized in groups of ``GROUP``
     consecutive entries, each with a float16 scale and minimum (low-rank coefficients come ordered by variance,
-    so a group holds entries of similar size). ``view`` dequantizes to float32 (a temporary); ``apply_`` dequantizes,
-    transforms and quantizes again, so every re-expression adds one rounding.
+    so a group holds entries of similar size).
     """
 
     GROUP = 16
@@ -115,18 +156,6 @@ class QuantizedRows:
         return self.codes, self.scale, self.minimum
 
     @property
-    def length(self) -> int:
-        return self.codes.length
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.nbytes for b in self.buffers)
-
-    @property
-    def used_bytes(self) -> int:
-        return sum(b.used_bytes for b in self.buffers)
-
-    @property
     def view(self) -> torch.Tensor | None:
         if not self.length:
             return None
@@ -140,13 +169,3 @@ class QuantizedRows:
         stored = quantize(x, self.bits, dim=-1, group=self.GROUP)
         for buffer, part in zip(self.buffers, (stored.codes, stored.scale, stored.minimum)):
             buffer.append(part)
-
-    def apply_(self, fn) -> None:
-        if self.length:
-            rows = fn(self.view)
-            self.clear()
-            self.append(rows)
-
-    def clear(self) -> None:
-        for buffer in self.buffers:
-            buffer.clear()

@@ -174,3 +174,4 @@ from . import full, ojakv, static_pca, latent, streaming_llm, h2o, snapkv, pyram
 from . import compose  # noqa: E402,F401  (compositions of the methods above)
 from . import pod  # noqa: E402,F401  (after kivi in the README table)
 from . import turboquant  # noqa: E402,F401
+from . import ojakv_tc  # noqa: E402,F401  (transform-coded OjaKV body)

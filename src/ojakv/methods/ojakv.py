@@ -33,7 +33,7 @@ from ..memory import nbytes
 from ..hf import compute_queries
 from ..rope import apply_rope, undo_rope
 from ..quantize import SUPPORTED_BITS
-from ..storage import GrowableTensor, QuantizedRows, growth_slack
+from ..storage import CodedRows, GrowableTensor, QuantizedRows, growth_slack
 from ..subspace import change_of_basis, covariance, eigh_descending, oja_step, rank_for_energy
 from . import Method, Sizing, knob, largest_within, register
 
@@ -101,7 +101,7 @@ class OjaKVConfig:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise OjaKVError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
-    def coefficient_bytes(self, rank: int, dtype_bytes: int) -> float:
+    def coefficient_bytes(self, rank: int, dtype_bytes: int, head_dim: int) -> float:
         """Bytes one token's key (or value) coefficients take in the body."""
         return rank * dtype_bytes if not self.coef_bits else QuantizedRows.bytes_per_row(rank, self.coef_bits)
 
@@ -147,7 +147,7 @@ class OjaKVLayer(CacheLayer):
         # residual policy: exact rows for selected body tokens, their body index and score
         self.k_exact = self.v_exact = self.exact_idx = self.exact_score = None
 
-    def _coefficient_store(self) -> GrowableTensor | QuantizedRows:
+    def _coefficient_store(self) -> GrowableTensor | CodedRows:
         return QuantizedRows(self.config.coef_bits) if self.config.coef_bits else GrowableTensor()
 
     # --- update ---------------------------------------------------------------------------------------------
@@ -192,8 +192,9 @@ class OjaKVLayer(CacheLayer):
         self.u_v = self._initial_basis(features_v, weight, self.rank_v, 1)
         self.rank_k, self.rank_v = self.u_k.shape[-1], self.u_v.shape[-1]
         self.init_bases = None  # views of the calibration tensors: drop them so they are not held
-        self.stat_k = torch.zeros_like(self.u_k)
-        self.stat_v = torch.zeros_like(self.u_v)
+        if self.config.eta_decode > 0:  # the statistics only feed decode-time updates: without them, hold none
+            self.stat_k = torch.zeros_like(self.u_k)
+            self.stat_v = torch.zeros_like(self.u_v)
         self.k_sink, self.v_sink = keys[:, :, :sink].clone(), values[:, :, :sink].clone()
         self.k_win, self.v_win = keys[:, :, n - window :].clone(), values[:, :, n - window :].clone()
         if body:
@@ -222,10 +223,11 @@ class OjaKVLayer(CacheLayer):
     def _append(self, keys, values, step: StepInputs, attention: AttentionInputs) -> None:
         """New tokens (decode, or a later prefill chunk): statistics, sink top-up, window, overflow into body."""
         features_k = self._key_features(keys, self._new_token_angles(keys, step, attention))
-        weight = step.valid.unsqueeze(1).unsqueeze(-1).float()
-        self.stat_k += (features_k * weight).transpose(-1, -2) @ (features_k @ self.u_k)
-        features_v = values.float() * weight
-        self.stat_v += features_v.transpose(-1, -2) @ (features_v @ self.u_v)
+        if self.stat_k is not None:
+            weight = step.valid.unsqueeze(1).unsqueeze(-1).float()
+            self.stat_k += (features_k * weight).transpose(-1, -2) @ (features_k @ self.u_k)
+            features_v = values.float() * weight
+            self.stat_v += features_v.transpose(-1, -2) @ (features_v @ self.u_v)
         room = self.sink_target - self.k_sink.shape[2]
         if room > 0:
             take = min(room, keys.shape[2])
@@ -268,12 +270,12 @@ class OjaKVLayer(CacheLayer):
         if eta > 0:
             self.u_k = self._rebase(self.k_coef, self.u_k, oja_step(self.u_k, self.stat_k, eta))
             self.u_v = self._rebase(self.v_coef, self.u_v, oja_step(self.u_v, self.stat_v, eta))
-        self.stat_k.zero_()
-        self.stat_v.zero_()
+            self.stat_k.zero_()
+            self.stat_v.zero_()
         self.pending = 0
         self.update_seconds += time.perf_counter() - started
 
-    def _rebase(self, coef: GrowableTensor | QuantizedRows, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    def _rebase(self, coef: GrowableTensor | CodedRows, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         change = change_of_basis(old, new)
         coef.apply_(lambda c: (c.float() @ change).to(c.dtype))
         return new
@@ -400,17 +402,18 @@ def held_bytes_per_head(config: OjaKVConfig, geometry, prompt_tokens: int, new_t
                         dtype_bytes: int, position_bytes: float) -> float:
     """Predicted bytes one layer and KV head holds once ``prompt_tokens`` and then ``new_tokens`` are cached at
     ``rank`` (the README's formula): anchors and window full, the body as coefficients (with the spare capacity
-    its growth leaves), bases and Oja statistics in float32, residual tokens, and ``position_bytes`` per token for
-    pre-RoPE positions."""
+    its growth leaves), bases and (when the bases move while decoding) Oja statistics in float32, residual tokens,
+    and ``position_bytes`` per token for pre-RoPE positions."""
     d, s = geometry.head_dim, dtype_bytes
     n_tokens = prompt_tokens + new_tokens
     anchors = min(n_tokens, config.n_sink + config.n_recent)
     exact = min(config.n_residual, n_tokens - anchors) if config.policy == "residual" else 0
     first_body = max(0, prompt_tokens - anchors)
     body_slots = n_tokens - anchors + (growth_slack(first_body, n_tokens - anchors - first_body) if first_body else 0)
-    body = 2 * body_slots * config.coefficient_bytes(rank, s)
+    body = 2 * body_slots * config.coefficient_bytes(rank, s, d)
     positions = position_bytes * n_tokens if config.key_mode == "pre_rope" else 0
-    return 2 * anchors * d * s + body + 4 * d * rank * 4 + exact * (2 * d * s + 12) + positions
+    subspace = (4 if config.eta_decode > 0 else 2) * d * rank * 4  # U_k, U_v (and Σ x xᵀU for each)
+    return 2 * anchors * d * s + body + subspace + exact * (2 * d * s + 12) + positions
 
 
 LOW_RANK_SIZE = ("rank", "rank_ratio", "energy")

@@ -34,7 +34,6 @@ once numerically, quantizes every coordinate near-optimally without calibration.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -45,15 +44,13 @@ from ..cache import SharedState, growable_segments
 from ..errors import OjaKVError
 from ..memory import nbytes
 from ..hf import geometry
-from ..quantize import pack_bits, unpack_bits
+from ..quantize import codebook, pack_bits, unpack_bits
 from ..storage import GrowableTensor
 from . import Method, Sizing, always, knob, largest_within, register
 from .kivi import KIVILayer
 
 BITS = (2, 2.5, 3, 3.5, 4)
 KEY_VARIANTS = ("prod", "mse")
-_GRID = 1 << 15  # cells of the grid on [-1, 1] that Lloyd's iterations run on
-_ITERATIONS = 2000  # a safety bound: on the grid, the iterations reach a fixed point within a few hundred
 _FLOAT16_MAX = torch.finfo(torch.float16).max
 _TINY = 1e-30
 
@@ -90,35 +87,6 @@ def channel_sets(config: TurboQuantConfig, head_dim: int) -> list[tuple[int, int
         raise OjaKVError(f"outlier_fraction {config.outlier_fraction} gives {outliers} of head_dim {head_dim} "
                          f"channels; choose one that leaves at least 2 channels in each set")
     return [(outliers, base + 1), (head_dim - outliers, base)]
-
-
-# --- codebook ---------------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=None)
-def codebook(dim: int, bits: int) -> torch.Tensor:
-    """Lloyd–Max centroids (float64, ascending, symmetric) for one coordinate of a uniform unit vector in R^dim.
-
-    Lloyd's iterations on a fine grid of the density ∝ (1 − t²)^((dim − 3)/2), starting from its quantiles.
-    """
-    if dim < 2 or not 1 <= bits <= 8:
-        raise ValueError(f"a codebook needs dim >= 2 and 1..8 bits, got dim={dim}, bits={bits}")
-    t = (torch.arange(_GRID, dtype=torch.float64) + 0.5) * (2.0 / _GRID) - 1.0
-    log_density = (dim - 3) / 2 * torch.log1p(-t * t)
-    weight = torch.exp(log_density - log_density.max())
-    levels = 2**bits
-    cdf = torch.cumsum(weight, 0) / weight.sum()
-    centroids = t[torch.searchsorted(cdf, (torch.arange(levels, dtype=torch.float64) + 0.5) / levels)]
-    for _ in range(_ITERATIONS):
-        cell = torch.bucketize(t, (centroids[1:] + centroids[:-1]) / 2)
-        mass = torch.zeros(levels, dtype=torch.float64).index_add_(0, cell, weight)
-        moment = torch.zeros(levels, dtype=torch.float64).index_add_(0, cell, weight * t)
-        updated = torch.where(mass > 0, moment / mass.clamp_min(_TINY), centroids)
-        converged = (updated - centroids).abs().max().item() < 1e-12
-        centroids = updated
-        if converged:
-            break
-    return (centroids - centroids.flip(0)) / 2  # the density is even: remove the grid's rounding asymmetry
 
 
 # --- one quantizer ----------------------------------------------------------------------------------------

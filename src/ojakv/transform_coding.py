@@ -1,0 +1,135 @@
+"""Transform coding of low-rank coefficients: bits allocated by variance, gain-shape codes.
+
+In a head's Karhunen–Loève (PCA) basis the coefficients of keys or values are uncorrelated, with variances λ_j
+(the eigenvalues). Classic transform coding spends a fixed number of bits per token where they remove the most
+error: ``allocate_bits`` hands out one bit at a time to the coefficient whose expected squared error falls most
+(λ_j · (D(b_j) − D(b_j + 1)), D the quantizer's relative distortion): greedy reverse water-filling. A coefficient
+left at 0 bits is dropped, so the rank is where the bits reach zero.
+
+``TransformCodedRows`` stores rows of coefficients that way. Each row is whitened (divided by σ_j = √λ_j per token),
+split into a shape w/‖w‖ on the unit sphere, every shape coordinate j replaced by the nearest of 2^b_j Lloyd–Max
+centroids for a coordinate of a random unit vector in R^r (``quantize.codebook``), and a gain (float16): the
+least-squares scale of σ ⊙ centroids to the row. Whitening makes the shape close to isotropic, which is what that
+codebook assumes. TurboQuant reaches isotropy by a
+random rotation, with equal bits per coordinate; here the KL basis both isotropises (after whitening) and tells
+where the bits pay.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Sequence
+
+import torch
+
+from .quantize import codebook, codebook_distortion, mixed_bytes, pack_mixed, unpack_mixed
+from .storage import CodedRows, GrowableTensor
+
+MAX_BITS = 8
+SCALE_FLOOR = 1e-3  # relative to a head's largest coefficient scale
+_FLOAT16_MAX = torch.finfo(torch.float16).max
+_TINY = 1e-30
+
+
+def allocate_bits(variances: Sequence[float], total_bits: int, max_bits: int = MAX_BITS) -> list[int]:
+    """Bits per coefficient (same order as ``variances``) summing to ``total_bits`` (or to max_bits per
+    coefficient, if that is less), greedily where the expected squared error drops most. The distortion model is
+    the Lloyd–Max codebook's at the dimension the codes will use (the number of coefficients given bits), which
+    depends on the allocation itself; r = d is used, as the curves barely differ for r ≥ 8."""
+    dim = len(variances)
+    bits = [0] * dim
+    gain = lambda j: variances[j] * (codebook_distortion(dim, bits[j]) - codebook_distortion(dim, bits[j] + 1))
+    heap = [(-gain(j), j) for j in range(dim) if variances[j] > 0]
+    heapq.heapify(heap)
+    for _ in range(min(total_bits, max_bits * dim)):
+        if not heap:
+            break
+        _, j = heapq.heappop(heap)
+        bits[j] += 1
+        if bits[j] < max_bits:
+            heapq.heappush(heap, (-gain(j), j))
+    return bits
+
+
+def ordered_allocation(eigenvalues: torch.Tensor, total_bits: int) -> list[int]:
+    """One allocation for a layer's basis columns from eigenvalues ``[..., d]`` (descending per head and
+    sequence): each head's spectrum is normalised to its total, then averaged, so every head's j-th principal
+    direction gets the same width (codes of all heads then share one packed layout)."""
+    spectra = eigenvalues.double().flatten(0, -2)
+    shares = spectra / spectra.sum(-1, keepdim=True).clamp_min(_TINY)
+    return allocate_bits(shares.mean(0).tolist(), total_bits)
+
+
+class TransformCodedRows(CodedRows):
+    """Rows ``[b, h, n, r]`` of KL coefficients as gain-shape codes with per-coefficient widths ``bits`` (all > 0)
+    and per-coefficient scales σ ``[b, h, r]``, growing along tokens like ``GrowableTensor``.
+
+    Re-expression (``apply_``) codes again with the same σ and widths.
+    """
+
+    def __init__(self, bits: Sequence[int], scale: torch.Tensor):
+        if not bits or min(bits) < 1 or max(bits) > MAX_BITS:
+            raise ValueError(f"every coded coefficient needs 1 to {MAX_BITS} bits, got {list(bits)}")
+        self.bits = list(bits)
+        # [b, h, r]; a direction with (numerically) no variance in one head is floored to a small share of that
+        # head's largest scale, so whitening cannot blow its rounding noise up to overflow; a head whose prompt
+        # gave no body tokens to measure is not whitened at all.
+        scale = scale.float()
+        scale = torch.where(scale.amax(-1, keepdim=True) > _TINY, scale, torch.ones_like(scale))  # no statistics
+        self.scale = torch.maximum(scale, scale.amax(-1, keepdim=True) * SCALE_FLOOR).clamp_min(_TINY)
+        self.codes, self.gains = GrowableTensor(), GrowableTensor()
+        dim = max(len(self.bits), 2)  # codebooks exist from R^2 on; one coefficient only keeps a sign anyway
+        device = scale.device
+        self._centroids = {b: codebook(dim, b).float().to(device) for b in set(self.bits)}
+        self._columns = {b: torch.tensor([j for j, w in enumerate(self.bits) if w == b], device=device)
+                         for b in self._centroids}
+
+    @staticmethod
+    def bytes_per_row(bits: Sequence[int]) -> int:
+        """Bytes one token's row takes: the packed codes plus a float16 gain."""
+        return mixed_bytes(bits) + 2
+
+    @property
+    def buffers(self) -> tuple:
+        return self.codes, self.gains, self.scale
+
+    @property
+    def view(self) -> torch.Tensor | None:
+        if not self.length:
+            return None
+        return decode_rows(self.codes.view, self.gains.view, self.bits, self._centroids, self._columns,
+                           self.scale)
+
+    def append(self, x: torch.Tensor) -> None:
+        codes, gains = encode_rows(x, self.bits, self._centroids, self._columns, self.scale)
+        self.codes.append(codes)
+        self.gains.append(gains)
+
+
+def encode_rows(x, bits, centroids, columns, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed codes ``[b, h, n, bytes]`` and float16 gains ``[b, h, n, 1]`` of rows ``x`` [b, h, n, r]."""
+    whitened = x.float() / scale.unsqueeze(2)
+    # Zero rows (padding) get any codes and gain 0: they decode to exactly zero.
+    shape = whitened / whitened.norm(dim=-1, keepdim=True).clamp_min(_TINY)
+    index = torch.zeros(shape.shape, dtype=torch.uint8, device=x.device)
+    coded = torch.zeros_like(shape)
+    for width, centres in centroids.items():
+        part = shape.index_select(-1, columns[width])
+        nearest = torch.bucketize(part, (centres[1:] + centres[:-1]) / 2)
+        index.index_copy_(-1, columns[width], nearest.to(torch.uint8))
+        coded.index_copy_(-1, columns[width], centres[nearest])
+    # The gain that fits σ·centroids to the row by least squares in coefficient space (where the large-variance
+    # coefficients weigh most, as in the keys and values), not ‖w‖: less error, and a decoded row codes to itself
+    # again when the centroids' norm is near 1, which keeps re-expression from adding a full rounding each time.
+    approx = coded * scale.unsqueeze(2)
+    gain = (x.float() * approx).sum(-1, keepdim=True) / approx.pow(2).sum(-1, keepdim=True).clamp_min(_TINY)
+    return pack_mixed(index, bits), gain.clamp(-_FLOAT16_MAX, _FLOAT16_MAX).half()
+
+
+def decode_rows(codes, gains, bits, centroids, columns, scale) -> torch.Tensor:
+    """Rows [b, h, n, r] (float32) from what ``encode_rows`` stored."""
+    index = unpack_mixed(codes, bits).long()
+    shape = torch.zeros(index.shape, dtype=torch.float32, device=codes.device)
+    for width, centres in centroids.items():
+        shape.index_copy_(-1, columns[width], centres[index.index_select(-1, columns[width])])
+    return shape * gains.float() * scale.unsqueeze(2)

@@ -1,0 +1,133 @@
+"""Transform coding of low-rank coefficients: the bit allocation, mixed-width packing, the gain-shape coder, and
+the ``ojakv-tc`` method's knobs."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ojakv
+from ojakv.errors import OjaKVError
+from ojakv.quantize import codebook_distortion, mixed_bytes, pack_mixed, unpack_mixed
+from ojakv.transform_coding import TransformCodedRows, allocate_bits
+
+variances = st.lists(st.floats(1e-4, 1e4), min_size=1, max_size=6)
+
+
+def _distortion(variance, bits):
+    dim = len(variance)
+    return sum(v * codebook_distortion(dim, b) for v, b in zip(variance, bits))
+
+
+@settings(max_examples=60, deadline=None)
+@given(variance=variances, total=st.integers(0, 20))
+def test_the_greedy_allocation_is_optimal_among_all_allocations_of_its_total(variance, total):
+    bits = allocate_bits(variance, total)
+    spent = min(total, 8 * len(variance))
+    assert sum(bits) == spent and all(0 <= b <= 8 for b in bits)
+    best = min(_distortion(variance, choice) for choice in itertools.product(range(9), repeat=len(variance))
+               if sum(choice) == spent)
+    assert _distortion(variance, bits) <= best * (1 + 1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(variance=variances, total=st.integers(0, 48))
+def test_a_larger_variance_never_gets_fewer_bits(variance, total):
+    bits = allocate_bits(variance, total)
+    for i, j in itertools.permutations(range(len(variance)), 2):
+        if variance[i] > variance[j]:
+            assert bits[i] >= bits[j]
+
+
+@settings(max_examples=60, deadline=None)
+@given(widths=st.lists(st.integers(0, 8), min_size=1, max_size=40), seed=st.integers(0, 100))
+def test_mixed_width_codes_round_trip_in_the_bytes_counted(widths, seed):
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.stack([torch.randint(0, 2**w, (2, 3, 5), generator=generator) for w in widths], dim=-1)
+    packed = pack_mixed(codes, widths)
+    assert packed.dtype == torch.uint8 and packed.shape == (2, 3, 5, mixed_bytes(widths))
+    assert mixed_bytes(widths) <= sum(widths) // 8 + 4  # under one partly filled byte per slice width
+    assert torch.equal(unpack_mixed(packed, widths), codes.to(torch.uint8))
+
+
+def _gaussian_rows(variance, n=20000, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 1, n, len(variance), generator=generator) * torch.tensor(variance).sqrt()
+
+
+def test_each_coefficient_is_coded_with_about_its_allocated_distortion():
+    variance = [16.0, 4.0, 1.0, 0.25]
+    bits = allocate_bits(variance, 12)
+    assert bits[0] > bits[-1] > 0
+    rows = _gaussian_rows(variance)
+    coder = TransformCodedRows(bits, torch.tensor(variance).sqrt().view(1, 1, -1))
+    coder.append(rows)
+    error = (coder.view - rows).pow(2).mean(dim=(0, 1, 2))
+    expected = torch.tensor([v * codebook_distortion(len(bits), b) for v, b in zip(variance, bits)])
+    # No coefficient is coded worse than an independent Lloyd–Max quantizer with its bits would code it (the
+    # least-squares gain makes the large ones better: the well-coded coefficients set it).
+    assert ((error / expected) < 1.1).all(), (error / expected)
+
+
+def test_more_bits_code_more_finely_and_zero_rows_stay_zero():
+    variance = [4.0, 2.0, 1.0, 0.5]
+    rows = _gaussian_rows(variance, n=4000)
+    rows[0, 0, :10] = 0.0  # padding-like rows
+    errors = []
+    for bits in ([1, 1, 1, 1], [3, 2, 2, 1], [6, 5, 5, 4]):
+        coder = TransformCodedRows(bits, torch.tensor(variance).sqrt().view(1, 1, -1))
+        coder.append(rows)
+        assert torch.equal(coder.view[0, 0, :10], torch.zeros(10, 4))
+        errors.append(float((coder.view - rows).pow(2).mean()))
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_held_bytes_are_the_codes_gains_and_scales():
+    bits = [5, 3, 3, 2, 1]
+    coder = TransformCodedRows(bits, torch.ones(2, 3, 5))
+    coder.append(torch.randn(2, 3, 7, 5))
+    assert coder.length == 7
+    assert coder.used_bytes == 2 * 3 * 7 * TransformCodedRows.bytes_per_row(bits) + 2 * 3 * 5 * 4
+
+
+def test_re_expression_re_codes_with_one_more_rounding():
+    variance = [4.0, 1.0, 0.25]
+    rows = _gaussian_rows(variance, n=2000)
+    coder = TransformCodedRows([4, 3, 2], torch.tensor(variance).sqrt().view(1, 1, -1))
+    coder.append(rows)
+    once = coder.view.clone()
+    coder.apply_(lambda coefficients: coefficients)  # the identity re-expression: decoded, then coded again
+    twice = coder.view
+    assert float((twice - rows).pow(2).mean()) <= 1.5 * float((once - rows).pow(2).mean())
+
+
+def test_a_coefficient_needs_at_least_one_bit():
+    with pytest.raises(ValueError, match="1 to 8 bits"):
+        TransformCodedRows([2, 0], torch.ones(1, 1, 2))
+
+
+@pytest.mark.parametrize("knobs, message", [
+    (dict(body_bits=2, rank=8), "body_bits decides the rank"),
+    (dict(body_bits=9), "body_bits must be in"),
+    (dict(body_bits=2, init="weights"), "use init='prompt'"),
+    (dict(body_bits=2, coef_bits=4), "not both"),
+])
+def test_knobs_that_contradict_the_coder_are_refused(tiny, knobs, message):
+    with pytest.raises(OjaKVError, match=message):
+        ojakv.make_cache(tiny, "ojakv-tc", **knobs)
+
+
+def test_the_rank_is_where_the_bits_reach_zero(tiny):
+    from helpers import greedy_scores, padded_batch
+
+    ids, mask = padded_batch(tiny.config.vocab_size, (300,), seed=3)
+    head_dim = ojakv.hf.geometry(tiny).head_dim
+    cache = ojakv.make_cache(tiny, "ojakv-tc", body_bits=0.5)  # head_dim / 2 bits per token: at most that rank
+    greedy_scores(tiny, ids, mask, cache, steps=4)
+    for layer in cache.layers:
+        assert sum(layer.k_coef.bits) == head_dim // 2 and layer.u_k.shape[-1] == len(layer.k_coef.bits)
+        assert layer.u_k.shape[-1] < head_dim
