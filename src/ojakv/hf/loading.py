@@ -108,6 +108,13 @@ def read_config(source: str):
     return AutoConfig.from_pretrained(source)
 
 
+def read_tokenizer(source: str):
+    """The tokenizer of a Hugging Face folder or hub id, without the model (serving engines load their own)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source)
+
+
 def read_pretrained(source: str, *, dtype: torch.dtype, attn_implementation: str, progress: bool):
     """(model, tokenizer) from a Hugging Face folder or hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
