@@ -34,6 +34,7 @@ from transformers import AttentionInterface, DynamicCache
 from helpers import kv
 from ojakv.methods.turboquant import _derive_seed, random_rotations
 from ojakv.quantize import codebook
+from ojakv.transform_coding import shape_codebook
 
 NAME = "ojakv_reference"
 _ACTIVE: list["Reference"] = []
@@ -447,7 +448,7 @@ class TransformCodedLowRankReference(LowRankReference):
         unit = whitened / norm.clamp_min(1e-30)
         rebuilt = torch.empty_like(unit)
         for j, bits in enumerate(widths):
-            centroids = codebook(max(len(widths), 2), bits).float()
+            centroids = shape_codebook(len(widths), bits)
             distance = (unit[..., j : j + 1] - centroids).abs()
             nearest = distance.argmin(-1)
             rebuilt[..., j] = centroids[nearest]

@@ -12,15 +12,14 @@ from hypothesis import strategies as st
 
 import ojakv
 from ojakv.errors import OjaKVError
-from ojakv.quantize import codebook_distortion, mixed_bytes, pack_mixed, unpack_mixed
-from ojakv.transform_coding import TransformCodedRows, allocate_bits
+from ojakv.quantize import mixed_bytes, pack_mixed, unpack_mixed
+from ojakv.transform_coding import TransformCodedRows, allocate_bits, distortion
 
 variances = st.lists(st.floats(1e-4, 1e4), min_size=1, max_size=6)
 
 
 def _distortion(variance, bits):
-    dim = len(variance)
-    return sum(v * codebook_distortion(dim, b) for v, b in zip(variance, bits))
+    return sum(v * distortion(b) for v, b in zip(variance, bits))
 
 
 @settings(max_examples=60, deadline=None)
@@ -67,7 +66,7 @@ def test_each_coefficient_is_coded_with_about_its_allocated_distortion():
     coder = TransformCodedRows(bits, torch.tensor(variance).sqrt().view(1, 1, -1))
     coder.append(rows)
     error = (coder.view - rows).pow(2).mean(dim=(0, 1, 2))
-    expected = torch.tensor([v * codebook_distortion(len(bits), b) for v, b in zip(variance, bits)])
+    expected = torch.tensor([v * distortion(b) for v, b in zip(variance, bits)])
     # No coefficient is coded worse than an independent Lloyd–Max quantizer with its bits would code it (the
     # least-squares gain makes the large ones better: the well-coded coefficients set it).
     assert ((error / expected) < 1.1).all(), (error / expected)

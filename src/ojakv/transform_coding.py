@@ -8,7 +8,7 @@ left at 0 bits is dropped, so the rank is where the bits reach zero.
 
 ``TransformCodedRows`` stores rows of coefficients that way. Each row is whitened (divided by σ_j = √λ_j per token),
 split into a shape w/‖w‖ on the unit sphere, every shape coordinate j replaced by the nearest of 2^b_j Lloyd–Max
-centroids for a coordinate of a random unit vector in R^r (``quantize.codebook``), and a gain (float16): the
+centroids for a coordinate of a random unit vector in R^r (``shape_codebook``), and a gain (float16): the
 least-squares scale of σ ⊙ centroids to the row. Whitening makes the shape close to isotropic, which is what that
 codebook assumes. TurboQuant reaches isotropy by a
 random rotation, with equal bits per coordinate; here the KL basis both isotropises (after whitening) and tells
@@ -18,6 +18,7 @@ where the bits pay.
 from __future__ import annotations
 
 import heapq
+import math
 from typing import Sequence
 
 import torch
@@ -26,6 +27,10 @@ from .quantize import codebook, codebook_distortion, mixed_bytes, pack_mixed, un
 from .storage import CodedRows, GrowableTensor
 
 MAX_BITS = 8
+# One codebook per width serves every rank: a coordinate of a uniform unit vector in R^SPHERE_DIM is Gaussian to
+# within a fraction of a percent, so its Lloyd–Max codebook, rescaled by √(SPHERE_DIM / r), is the codebook of
+# the near-isotropic shapes in R^r (computing one per (r, width) would cost seconds each, per rank met).
+SPHERE_DIM = 256
 SCALE_FLOOR = 1e-3  # relative to a head's largest coefficient scale
 _FLOAT16_MAX = torch.finfo(torch.float16).max
 _TINY = 1e-30
@@ -33,12 +38,11 @@ _TINY = 1e-30
 
 def allocate_bits(variances: Sequence[float], total_bits: int, max_bits: int = MAX_BITS) -> list[int]:
     """Bits per coefficient (same order as ``variances``) summing to ``total_bits`` (or to max_bits per
-    coefficient, if that is less), greedily where the expected squared error drops most. The distortion model is
-    the Lloyd–Max codebook's at the dimension the codes will use (the number of coefficients given bits), which
-    depends on the allocation itself; r = d is used, as the curves barely differ for r ≥ 8."""
+    coefficient, if that is less), greedily where the expected squared error drops most under the codebooks'
+    distortion (``distortion``)."""
     dim = len(variances)
     bits = [0] * dim
-    gain = lambda j: variances[j] * (codebook_distortion(dim, bits[j]) - codebook_distortion(dim, bits[j] + 1))
+    gain = lambda j: variances[j] * (distortion(bits[j]) - distortion(bits[j] + 1))
     heap = [(-gain(j), j) for j in range(dim) if variances[j] > 0]
     heapq.heapify(heap)
     for _ in range(min(total_bits, max_bits * dim)):
@@ -49,6 +53,16 @@ def allocate_bits(variances: Sequence[float], total_bits: int, max_bits: int = M
         if bits[j] < max_bits:
             heapq.heappush(heap, (-gain(j), j))
     return bits
+
+
+def distortion(bits: int) -> float:
+    """Relative mean squared error of a coefficient coded with ``bits`` (1 at 0 bits: dropped)."""
+    return codebook_distortion(SPHERE_DIM, bits)
+
+
+def shape_codebook(rank: int, bits: int) -> torch.Tensor:
+    """Lloyd–Max centroids (float32) for one coordinate of a near-isotropic unit vector in R^rank."""
+    return (codebook(SPHERE_DIM, bits) * math.sqrt(SPHERE_DIM / max(rank, 1))).float()
 
 
 def ordered_allocation(eigenvalues: torch.Tensor, total_bits: int) -> list[int]:
@@ -78,9 +92,8 @@ class TransformCodedRows(CodedRows):
         scale = torch.where(scale.amax(-1, keepdim=True) > _TINY, scale, torch.ones_like(scale))  # no statistics
         self.scale = torch.maximum(scale, scale.amax(-1, keepdim=True) * SCALE_FLOOR).clamp_min(_TINY)
         self.codes, self.gains = GrowableTensor(), GrowableTensor()
-        dim = max(len(self.bits), 2)  # codebooks exist from R^2 on; one coefficient only keeps a sign anyway
         device = scale.device
-        self._centroids = {b: codebook(dim, b).float().to(device) for b in set(self.bits)}
+        self._centroids = {b: shape_codebook(len(self.bits), b).to(device) for b in set(self.bits)}
         self._columns = {b: torch.tensor([j for j, w in enumerate(self.bits) if w == b], device=device)
                          for b in self._centroids}
 
