@@ -23,7 +23,7 @@ def _distortion(variance, bits):
 
 
 @settings(max_examples=60, deadline=None)
-@given(variance=variances, total=st.integers(0, 20))
+@given(variance=st.lists(st.floats(1e-4, 1e4), min_size=1, max_size=4), total=st.integers(0, 20))
 def test_the_greedy_allocation_is_optimal_among_all_allocations_of_its_total(variance, total):
     bits = allocate_bits(variance, total)
     spent = min(total, 8 * len(variance))
