@@ -133,8 +133,7 @@ def pack_mixed(codes: torch.Tensor, widths: Sequence[int]) -> torch.Tensor:
     width is split into binary digits and every entry's slice of one digit width is packed together, so a row
     takes Σ_w ceil(n_w · w / 8) bytes over the slice widths w ∈ {8, 4, 2, 1} (n_w entries have that digit)."""
     fields = []
-    for width in (8, 4, 2, 1):
-        columns, shifts = _digit_columns(widths, width)
+    for width, columns, shifts in _mixed_layout(tuple(widths)):
         if columns:
             index = torch.tensor(columns, device=codes.device)
             shift = torch.tensor(shifts, device=codes.device, dtype=torch.uint8)
@@ -147,8 +146,7 @@ def pack_mixed(codes: torch.Tensor, widths: Sequence[int]) -> torch.Tensor:
 def unpack_mixed(packed: torch.Tensor, widths: Sequence[int]) -> torch.Tensor:
     """The codes ``pack_mixed`` packed, ``[..., len(widths)]`` uint8 (entries of width 0 are 0)."""
     layout, placements = [], []
-    for width in (8, 4, 2, 1):
-        columns, shifts = _digit_columns(widths, width)
+    for width, columns, shifts in _mixed_layout(tuple(widths)):
         if columns:
             layout.append((len(columns), width))
             placements.append((columns, shifts))
@@ -162,7 +160,14 @@ def unpack_mixed(packed: torch.Tensor, widths: Sequence[int]) -> torch.Tensor:
 
 def mixed_bytes(widths: Sequence[int]) -> int:
     """Bytes ``pack_mixed`` uses for one row of these widths."""
-    return sum(-(-len(_digit_columns(widths, width)[0]) * width // 8) for width in (8, 4, 2, 1))
+    return sum(-(-len(columns) * width // 8) for width, columns, _ in _mixed_layout(tuple(widths)))
+
+
+@functools.lru_cache(maxsize=None)
+def _mixed_layout(widths: tuple[int, ...]) -> tuple:
+    """(digit width, entries, shifts) for each digit width 8, 4, 2, 1: worked out once per allocation, not per
+    decode step."""
+    return tuple((digit, *_digit_columns(widths, digit)) for digit in (8, 4, 2, 1))
 
 
 def _digit_columns(widths: Sequence[int], digit: int) -> tuple[list[int], list[int]]:

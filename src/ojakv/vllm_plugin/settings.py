@@ -146,12 +146,20 @@ def parse(section: Any) -> Settings:
     return _parse_ojakv(knobs, budget)
 
 
-def _parse_quant(knobs: dict, budget: float | None) -> Settings:
+def _bits(knobs: dict, budget: float | None, method: str, allowed: tuple[int, ...]) -> int | None:
+    """The bit width asked for (None when a budget will choose it), checked against what is served."""
     if budget is not None and "bits" in knobs:
         raise refuse("give either a budget or bits, not both")
-    bits = None if budget is not None else _number("bits", knobs.get("bits", 4), int)
-    if bits is not None and bits not in QUANT_BITS:
-        raise refuse(f"quant bits must be one of {'/'.join(map(str, QUANT_BITS))}, got {bits}")
+    if budget is not None:
+        return None
+    bits = _number("bits", knobs.get("bits", 4), int)
+    if bits not in allowed:
+        raise refuse(f"{method} bits must be one of {'/'.join(map(str, allowed))}, got {bits}")
+    return bits
+
+
+def _parse_quant(knobs: dict, budget: float | None) -> Settings:
+    bits = _bits(knobs, budget, "quant", QUANT_BITS)
     group = _number("group", knobs.get("group", 32), int)
     if group < 1:
         raise refuse(f"group must be >= 1, got {group}")
@@ -166,17 +174,11 @@ def _parse_turboquant(knobs: dict, budget: float | None) -> Settings:
     if residual != 0:
         raise refuse("turboquant residual > 0 is not served (a full-precision recent window per request does "
                      "not fit fixed-size slots)")
-    if budget is not None and "bits" in knobs:
-        raise refuse("give either a budget or bits, not both")
-    bits = None
-    if budget is None:
-        raw = knobs.get("bits", 4)
-        if isinstance(raw, float) and raw != int(raw):
-            raise refuse(f"turboquant bits {raw} (outlier channels chosen per prompt) are not served; use "
-                         f"{'/'.join(map(str, TURBOQUANT_BITS))}")
-        bits = _number("bits", raw, int)
-        if bits not in TURBOQUANT_BITS:
-            raise refuse(f"turboquant bits must be one of {'/'.join(map(str, TURBOQUANT_BITS))}, got {bits}")
+    raw = knobs.get("bits", 4)
+    if budget is None and isinstance(raw, float) and raw != int(raw):
+        raise refuse(f"turboquant bits {raw} (outlier channels chosen per prompt) are not served; use "
+                     f"{'/'.join(map(str, TURBOQUANT_BITS))}")
+    bits = _bits(knobs, budget, "turboquant", TURBOQUANT_BITS)
     seed = _number("rotation_seed", knobs.get("rotation_seed", 0), int)
     if seed < 0:
         raise refuse(f"rotation_seed must be >= 0, got {seed}")
