@@ -79,15 +79,16 @@ def test_the_readme_main_command_finds_the_pass_key(smol, capsys):
     assert code == 0 and "found: yes" in printed and "held" in printed
 
 
-@pytest.mark.parametrize("method", ["ojakv", "snapkv"])
-def test_make_cache_meets_a_budget_from_python(smol, method):
+# float32 here: ojakv at a budget codes its body at 8 bits per coefficient at most, about 0.25 of this full cache
+@pytest.mark.parametrize("method,budget", [("ojakv", 0.2), ("snapkv", 0.4)])
+def test_make_cache_meets_a_budget_from_python(smol, method, budget):
     model, tokenizer = smol
     prompt, _ = passkey_prompt(tokenizer, 1000, seed=3)
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     assert abs(ids.input_ids.shape[1] - 1000) <= 20
-    with ojakv.make_cache(model, method, budget=0.4) as cache, torch.no_grad():  # sized when the prompt arrives
+    with ojakv.make_cache(model, method, budget=budget) as cache, torch.no_grad():  # sized when the prompt arrives
         model(**ids, **kv(cache))
-    assert abs(cache.memory().ratio - 0.4) <= 0.03, cache.config
+    assert abs(cache.memory().ratio - budget) <= 0.03, cache.config
 
 
 def test_calibration_is_made_once_with_its_metadata(smol):

@@ -79,10 +79,11 @@ def test_method_specs_parse_typed_knobs_and_refuse_bad_ones():
 @pytest.mark.parametrize("policy", ["positional", "residual"])
 def test_ojakv_meets_held_bytes_budgets_within_two_hundredths(model, tokenizer, tmp_path, policy):
     spec = MethodSpec.parse(f"ojakv:init=prompt,policy={policy}")
-    run_sweep(model, tokenizer, [spec], tasks=["passkey"], lengths=[2048], samples=1, budgets=[0.6, 0.4, 0.25],
+    # float32 here: a transform-coded body (what a budget gives ojakv) holds at most about 0.25 of the full cache
+    run_sweep(model, tokenizer, [spec], tasks=["passkey"], lengths=[2048], samples=1, budgets=[0.25, 0.15, 0.1],
               placements=["after"], out_dir=tmp_path, max_new_tokens=4, progress=False)
     rows = summarise(tmp_path / "samples.jsonl")
-    assert [r["budget"] for r in rows] == [0.6, 0.4, 0.25]
+    assert [r["budget"] for r in rows] == [0.25, 0.15, 0.1]
     for row in rows:
         assert abs(row["held_ratio"] - row["budget"]) <= 0.02 and row["note"] == ""
 
@@ -109,7 +110,7 @@ def test_sweep_resumes_and_redoes_a_cut_record(model, tokenizer, tmp_path):
     assert (tmp_path / "summary.md").exists()
 
 
-SHARED_CHECK = ["full", "snapkv", "ojakv-pf", "h2o", "ojakv:init=prompt"]
+SHARED_CHECK = ["full", "snapkv", "ojakv-pf", "h2o", "ojakv", "ojakv:prefill_attention=compressed"]  # ojakv at a budget: full
 
 
 @pytest.mark.parametrize("placement", ["after", "inside"])
@@ -200,7 +201,8 @@ NO_FILES = {"staticpca": "init=prompt", "staticpca-h": "init=prompt", "eigen": "
 # On this 2-layer model at 512 tokens: methods whose bit widths or group sizes cannot come down to 0.6.
 FLOORS_ABOVE = {"pod"}  # values stay per layer: 2 layers hold at least 0.75
 # A few bit widths, or coefficient rows padded to 16 ranks: they may hold well under the budget, never over it.
-DISCRETE = {"kivi", "turboquant", "ojakv+quant", "ojakv-tc"}  # ojakv-tc: 8 bits per coefficient at most
+# ojakv-tc, and ojakv at a budget: a transform-coded body, 8 bits per coefficient at most.
+DISCRETE = {"kivi", "turboquant", "ojakv+quant", "ojakv-tc", "ojakv"}
 
 
 @pytest.mark.parametrize("method", sorted(set(__import__("ojakv").methods()) - {"full"}))

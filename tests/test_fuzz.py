@@ -91,7 +91,9 @@ def _low_rank_knobs(n, anchors=True, **fixed):
 
 
 def _bases(cache):
-    return [(layer.u_k, layer.u_v) for layer in cache.layers]
+    """The library's bases as the reference uses them: float32 (a frozen transform-coded basis is held in float16,
+    and the library computes with it upcast)."""
+    return [(layer.u_k.float(), layer.u_v.float()) for layer in cache.layers]
 
 
 def _low_rank_reference(defaults):

@@ -40,6 +40,16 @@ def test_a_derived_cache_gives_the_completions_of_the_direct_path(tiny, method, 
     assert (_continue(tiny, ids, mask, derived, shared.last_logits, 10) - direct).abs().max() <= 1e-5
 
 
+def test_ojakv_at_a_budget_attends_in_full_and_derives_the_direct_path(tiny):
+    ids, mask = padded_batch(tiny.config.vocab_size, (160, 141), seed=24)
+    direct_cache = ojakv.make_cache(tiny, "ojakv", budget=0.2, new_tokens=10, n_sink=4, n_recent=4)
+    direct = greedy_scores(tiny, ids, mask, direct_cache, steps=10)
+    assert direct_cache.config["prefill_attention"] == "full" and direct_cache.config["body_bits"] > 0
+    shared = prefill.capture(tiny, ids, mask)
+    derived = prefill.derive(ojakv.make_cache(tiny, "ojakv", budget=0.2, new_tokens=10, n_sink=4, n_recent=4), shared)
+    assert (_continue(tiny, ids, mask, derived, shared.last_logits, 10) - direct).abs().max() <= 1e-5
+
+
 def test_a_budget_is_resolved_when_the_derived_cache_sees_the_prompt(tiny):
     ids, mask = padded_batch(tiny.config.vocab_size, (200,), seed=22)
     shared = prefill.capture(tiny, ids, mask)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import ojakv
 from ojakv.errors import OjaKVError
 from ojakv.quantize import mixed_bytes, pack_mixed, unpack_mixed
-from ojakv.transform_coding import TransformCodedRows, allocate_bits, distortion
+from ojakv.transform_coding import TransformCodedRows, allocate_bits, bit_order, distortion, fitted_allocation
 
 variances = st.lists(st.floats(1e-4, 1e4), min_size=1, max_size=6)
 
@@ -40,6 +40,30 @@ def test_a_larger_variance_never_gets_fewer_bits(variance, total):
     for i, j in itertools.permutations(range(len(variance)), 2):
         if variance[i] > variance[j]:
             assert bits[i] >= bits[j]
+
+
+@settings(max_examples=40, deadline=None)
+@given(variance=variances, total=st.integers(0, 48))
+def test_the_allocation_of_t_bits_is_the_first_t_of_the_greedy_order(variance, total):
+    order = bit_order(variance, 8 * len(variance))
+    assert allocate_bits(variance, total) == [order[:total].count(j) for j in range(len(variance))]
+
+
+def _held(bits, rows, bytes_per_column):
+    return rows * (mixed_bytes(bits) + 2) + sum(1 for b in bits if b) * bytes_per_column
+
+
+@settings(max_examples=60, deadline=None)
+@given(spectrum=st.lists(st.floats(1e-3, 1e3), min_size=2, max_size=12), rows=st.integers(1, 4000),
+       per_row=st.floats(2.5, 12.0), per_column=st.sampled_from([0, 68, 132, 260]))
+def test_the_fitted_allocation_is_the_largest_one_whose_codes_and_bases_fit(spectrum, rows, per_row, per_column):
+    eigenvalues = torch.tensor(sorted(spectrum, reverse=True)).reshape(1, 1, -1)
+    bits = fitted_allocation(eigenvalues, per_row, rows, per_column)
+    shares = (eigenvalues / eigenvalues.sum()).flatten().tolist()
+    assert bits == allocate_bits(shares, sum(bits))  # one of the greedy allocations
+    assert sum(bits) == 0 or _held(bits, rows, per_column) <= rows * per_row
+    for more in range(sum(bits) + 1, 8 * len(spectrum) + 1):  # no allocation with more bits fits
+        assert _held(allocate_bits(shares, more), rows, per_column) > rows * per_row
 
 
 @settings(max_examples=60, deadline=None)
@@ -130,3 +154,33 @@ def test_the_rank_is_where_the_bits_reach_zero(tiny):
     for layer in cache.layers:
         assert sum(layer.k_coef.bits) == head_dim // 2 and layer.u_k.shape[-1] == len(layer.k_coef.bits)
         assert layer.u_k.shape[-1] < head_dim
+
+
+def test_a_budget_makes_ojakv_code_its_body_and_pay_for_its_float16_bases(tiny):
+    from helpers import greedy_scores, padded_batch
+
+    ids, mask = padded_batch(tiny.config.vocab_size, (600,), seed=5)
+    cache = ojakv.make_cache(tiny, "ojakv", budget=0.3, new_tokens=4)
+    greedy_scores(tiny, ids, mask, cache, steps=4)
+    for layer in cache.layers:
+        assert layer.config.body_bits > 0 and layer.config.fit_bases and layer.config.prefill_attention == "full"
+        assert layer.u_k.dtype == torch.float16 and layer.stat_k is None  # frozen bases, no Oja statistics
+        heads = layer.u_k.shape[0] * layer.u_k.shape[1]
+        per_head = (layer.k_coef.nbytes + layer.u_k.numel() * 2) / heads  # codes, gains, scales and the basis
+        # every row slot (decoded rows and growth slack too) within what the budget gives a body row
+        assert per_head <= layer.k_coef.codes.capacity * layer.config.coefficient_bytes(0, 0, layer.u_k.shape[-2])
+    assert cache.memory().ratio <= 0.3 + 0.02
+
+
+def test_a_budget_with_coef_bits_keeps_ojakv_at_a_rank(tiny):
+    from helpers import greedy_scores, padded_batch
+
+    ids, mask = padded_batch(tiny.config.vocab_size, (600,), seed=5)
+    cache = ojakv.make_cache(tiny, "ojakv", budget=0.3, coef_bits=4)
+    greedy_scores(tiny, ids, mask, cache, steps=2)
+    assert all(not layer.config.body_bits and layer.config.rank for layer in cache.layers)
+
+
+def test_fit_bases_needs_a_transform_coded_body(tiny):
+    with pytest.raises(OjaKVError, match="give body_bits too"):
+        ojakv.make_cache(tiny, "ojakv", fit_bases=True)

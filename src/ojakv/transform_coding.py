@@ -40,19 +40,30 @@ def allocate_bits(variances: Sequence[float], total_bits: int, max_bits: int = M
     """Bits per coefficient (same order as ``variances``) summing to ``total_bits`` (or to max_bits per
     coefficient, if that is less), greedily where the expected squared error drops most under the codebooks'
     distortion (``distortion``)."""
+    bits = [0] * len(variances)
+    for j in bit_order(variances, total_bits, max_bits):
+        bits[j] += 1
+    return bits
+
+
+def bit_order(variances: Sequence[float], limit: int, max_bits: int = MAX_BITS) -> list[int]:
+    """The coefficient each of the first ``limit`` bits goes to, in the greedy order of ``allocate_bits``. The
+    greedy choice never depends on how many bits follow, so the allocation of T bits is the first T of these."""
     dim = len(variances)
     bits = [0] * dim
     gain = lambda j: variances[j] * (distortion(bits[j]) - distortion(bits[j] + 1))
     heap = [(-gain(j), j) for j in range(dim) if variances[j] > 0]
     heapq.heapify(heap)
-    for _ in range(min(total_bits, max_bits * dim)):
+    order = []
+    for _ in range(min(limit, max_bits * dim)):
         if not heap:
             break
         _, j = heapq.heappop(heap)
         bits[j] += 1
+        order.append(j)
         if bits[j] < max_bits:
             heapq.heappush(heap, (-gain(j), j))
-    return bits
+    return order
 
 
 def distortion(bits: int) -> float:
@@ -69,9 +80,36 @@ def ordered_allocation(eigenvalues: torch.Tensor, total_bits: int) -> list[int]:
     """One allocation for a layer's basis columns from eigenvalues ``[..., d]`` (descending per head and
     sequence): each head's spectrum is normalised to its total, then averaged, so every head's j-th principal
     direction gets the same width (codes of all heads then share one packed layout)."""
+    return allocate_bits(_mean_shares(eigenvalues), total_bits)
+
+
+def fitted_allocation(eigenvalues: torch.Tensor, bytes_per_row: float, rows: int, bytes_per_column: float) -> list[int]:
+    """The allocation of ``ordered_allocation`` with the most bits whose bytes for ``rows`` tokens (packed codes
+    and a gain per row, ``TransformCodedRows.bytes_per_row``) plus ``bytes_per_column`` for each coefficient kept
+    (its basis column and scale) stay within ``rows × bytes_per_row``: the rank follows from what the bases cost
+    against the body they serve, not from a guess made before the spectrum is known."""
+    shares = _mean_shares(eigenvalues)
+    order = bit_order(shares, MAX_BITS * len(shares))
+    bits, rank, fitting = [0] * len(shares), 0, 0
+    digits = {digit: 0 for digit in (8, 4, 2, 1)}  # coefficients whose width has this binary digit
+    for spent, j in enumerate(order, start=1):
+        for digit in digits:
+            digits[digit] += bool((bits[j] + 1) & digit) - bool(bits[j] & digit)
+        rank += not bits[j]
+        bits[j] += 1
+        packed = sum(-(-count * digit // 8) for digit, count in digits.items())  # = mixed_bytes(bits)
+        if rows * (packed + 2) + rank * bytes_per_column <= rows * bytes_per_row:
+            fitting = spent
+    best = [0] * len(shares)
+    for j in order[:fitting]:
+        best[j] += 1
+    return best
+
+
+def _mean_shares(eigenvalues: torch.Tensor) -> list[float]:
     spectra = eigenvalues.double().flatten(0, -2)
     shares = spectra / spectra.sum(-1, keepdim=True).clamp_min(_TINY)
-    return allocate_bits(shares.mean(0).tolist(), total_bits)
+    return shares.mean(0).tolist()
 
 
 class TransformCodedRows(CodedRows):

@@ -129,8 +129,9 @@ def measure(model, spec: MethodSpec, budget: float | None, reference: Reference)
 def _compressed_context(model, spec: MethodSpec, budget, reference: Reference):
     """The method's cache holding the context (derived from the shared prefill where the method allows it) and
     the context's next-token logits under it."""
-    cache = spec.make_cache(model, budget, len(reference.text.continuation))
-    if spec.prefills_in_full():
+    new_tokens = len(reference.text.continuation)
+    cache = spec.make_cache(model, budget, new_tokens)
+    if spec.prefills_in_full(model, budget, len(reference.text.context), new_tokens):
         return shared_prefill.derive(cache, reference.context), reference.context.last_logits[0].float()
     ids = torch.tensor([reference.text.context], device=model.device)
     with torch.no_grad():

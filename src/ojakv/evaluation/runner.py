@@ -25,7 +25,7 @@ from ..api import make_cache
 from ..atomic import atomic_path
 from ..errors import OjaKVError
 from ..hf import cache_kwargs, geometry, stop_when
-from ..methods import UnreachableBudget, get_method, parse_value
+from ..methods import UnreachableBudget, get_method, knobs_for_budget, parse_value
 from .tasks import Sample, expand_tasks, make_sample, string_match_all
 
 PLACEMENTS = ("after", "inside")  # question after the compressed context / inside the compressed prompt
@@ -53,10 +53,18 @@ class MethodSpec:
         method.make_config(**dict(knobs))  # fail fast on a bad knob
         return cls(text.strip(), name, tuple(knobs))
 
-    def prefills_in_full(self) -> bool:
-        """Whether this method's prompt attends to full-precision K/V (so its cache can be derived)."""
+    def prefills_in_full(self, model=None, budget: float | None = None, prompt_tokens: int = 0,
+                         new_tokens: int = 0) -> bool:
+        """Whether this method's prompt attends to full-precision K/V (so its cache can be derived), with the knobs
+        a budget sets for this prompt (a budget may choose how the prompt attends, as ``ojakv``'s does)."""
         method = get_method(self.name)
-        return method.full_prefill(method.make_config(**dict(self.knobs)))
+        knobs = dict(self.knobs)
+        if budget is not None:
+            try:
+                knobs = knobs_for_budget(self.name, knobs, model, prompt_tokens, new_tokens, budget)
+            except UnreachableBudget:
+                return False  # the cache's own prefill raises it, as the record of an unreachable cell says
+        return method.full_prefill(method.make_config(**knobs))
 
     def make_cache(self, model, budget: float | None, new_tokens: int):
         """A cache of this method; with a budget, its size knobs are set when it sees the prompt (raising
@@ -187,7 +195,7 @@ class Sweep:
         made, the seconds it took, and the prompt's last logits."""
         cache = cell.spec.make_cache(self.model, cell.budget, new_tokens)
         start = time.perf_counter()
-        if self.share_prefill and cell.spec.prefills_in_full():
+        if self.share_prefill and cell.spec.prefills_in_full(self.model, cell.budget, len(ids), new_tokens):
             shared, _ = self._shared(captured, ids)
             shared_prefill.derive(cache, shared)
             return cache, "derived", time.perf_counter() - start, shared.last_logits

@@ -9,6 +9,8 @@ With ``policy="residual"`` some body tokens also keep their exact keys and value
 would change attention scores most (|qᵀ(k − k̂)| over recent queries).
 
 ``ojakv+quant`` stores the body coefficients as packed 4-bit codes (``coef_bits``; storage.QuantizedRows).
+With ``body_bits`` the body is transform coded instead (``ojakv.transform_coding``: bits allocated by variance in
+the prompt's KL basis, the rank where they reach zero); that is what ``ojakv`` given a budget runs (``ojakv_tc``).
 
 Bases start from the prompt's own PCA (the default: the subspace the paper's "comprehensive" prefill update moves
 towards), or from an offline PCA (``ojakv calibrate``) followed by one Oja step on the prompt, the paper's recipe;
@@ -35,6 +37,7 @@ from ..rope import apply_rope, undo_rope
 from ..quantize import SUPPORTED_BITS
 from ..storage import CodedRows, GrowableTensor, QuantizedRows, growth_slack
 from ..subspace import change_of_basis, covariance, eigh_descending, oja_step, rank_for_energy
+from ..transform_coding import MAX_BITS, TransformCodedRows, fitted_allocation, ordered_allocation
 from . import Method, Sizing, knob, largest_within, register
 
 KEY_MODES = ("pre_rope", "post_rope")
@@ -65,9 +68,14 @@ class OjaKVConfig:
     coef_bits: int = knob(0, "store body coefficients as packed 2-, 4- or 8-bit codes (0 = the model's dtype)")
     attention: str = knob("latent", "decode attention on the stored coefficients (latent) or on rebuilt K/V "
                                     "handed to the model's own kernel (reconstruct)")
+    body_bits: float = knob(0.0, "transform-coded body: average bits per body coordinate (over head_dim), "
+                                 "allocated to the prompt's KL coefficients by variance, so the rank follows; "
+                                 "0 = the rank knobs, coefficients in the model's dtype (or coef_bits codes)")
+    fit_bases: bool = knob(False, "with body_bits: those bits also pay for the bases, spread over the prompt's "
+                                  "body tokens (what a budget sets: each layer's rank then follows its spectrum)")
 
     def __post_init__(self) -> None:
-        if self.rank_ratio is None and self.energy is None and self.rank is None:
+        if self.rank_ratio is None and self.energy is None and self.rank is None and not self.body_bits:
             self.rank_ratio = 0.5
 
     def validate(self) -> None:
@@ -100,10 +108,45 @@ class OjaKVConfig:
         for name in ("eta_prefill", "eta_decode"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise OjaKVError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        self._validate_transform_coding(given)
+
+    def _validate_transform_coding(self, rank_knobs: list[str]) -> None:
+        if not 0.0 <= self.body_bits <= MAX_BITS:
+            raise OjaKVError(f"body_bits must be in [0, {MAX_BITS}] bits per coordinate, got {self.body_bits}: "
+                             "e.g. --body-bits 2")
+        if not self.body_bits:
+            if self.fit_bases:
+                raise OjaKVError("fit_bases sizes a transform-coded body: give body_bits too (e.g. --body-bits 2)")
+            return
+        if rank_knobs:
+            raise OjaKVError(f"body_bits decides the rank (coefficients given no bits are dropped): drop "
+                             f"{' and '.join(rank_knobs)}, or set body_bits=0 to use them")
+        if self.init != "prompt":
+            raise OjaKVError("body_bits allocates bits from the prompt's spectrum: use init='prompt'")
+        if self.coef_bits:
+            raise OjaKVError("give body_bits (transform coding) or coef_bits (uniform codes), not both")
+
+    def total_bits(self, head_dim: int) -> int:
+        """Bits one token's transform-coded key (or value) row gets (``body_bits`` × head_dim)."""
+        return round(self.body_bits * head_dim)
 
     def coefficient_bytes(self, rank: int, dtype_bytes: int, head_dim: int) -> float:
-        """Bytes one token's key (or value) coefficients take in the body."""
+        """Bytes one token's key (or value) coefficients take in the body. Transform-coded rows: their codes, at
+        most 4 partly filled bytes (about 0.5 on average) and a float16 gain."""
+        if self.body_bits:
+            return self.total_bits(head_dim) / 8 + 2.5
         return rank * dtype_bytes if not self.coef_bits else QuantizedRows.bytes_per_row(rank, self.coef_bits)
+
+    def basis_bytes(self) -> int:
+        """Bytes per basis entry. A transform-coded body's bases never move unless eta_decode > 0, so they are held
+        in float16: their rounding (≤ 2⁻¹¹ relative) is far below the codes'. Moving bases stay float32."""
+        return 2 if self.body_bits and self.eta_decode == 0 else 4
+
+    def subspace_bytes(self, rank: int, head_dim: int) -> float:
+        """Bytes one KV head's bases U_k, U_v take (none apart when ``fit_bases`` counts them in the body's bits)
+        and, when the bases move while decoding, their float32 Oja statistics Σ x xᵀU."""
+        bases = 0 if self.fit_bases else 2 * head_dim * rank * self.basis_bytes()
+        return bases + (2 * head_dim * rank * 4 if self.eta_decode > 0 else 0)
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -140,7 +183,7 @@ class OjaKVLayer(CacheLayer):
         self.k_sink = self.v_sink = self.k_win = self.v_win = None
         self.sink_target = 0
         self.k_coef, self.v_coef = self._coefficient_store(), self._coefficient_store()
-        self.u_k = self.u_v = None  # [b, h, d, r] float32
+        self.u_k = self.u_v = None  # [b, h, d, r] float32 (float16: a transform-coded body's fixed bases)
         self.stat_k = self.stat_v = None  # Σ x xᵀ U since the last update, [b, h, d, r] float32
         self.pending = 0
         self.update_seconds = 0.0  # time spent in decode-time subspace updates (read by `ojakv bench`)
@@ -199,8 +242,8 @@ class OjaKVLayer(CacheLayer):
         self.k_win, self.v_win = keys[:, :, n - window :].clone(), values[:, :, n - window :].clone()
         if body:
             span = slice(sink, sink + body)
-            self.k_coef.append((features_k[:, :, span] @ self.u_k).to(self.dtype))
-            self.v_coef.append((features_v[:, :, span] @ self.u_v).to(self.dtype))
+            self.k_coef.append((features_k[:, :, span] @ self.u_k.float()).to(self.dtype))
+            self.v_coef.append((features_v[:, :, span] @ self.u_v.float()).to(self.dtype))
             if self.config.policy == "residual":
                 self._select_exact(keys[:, :, span], values[:, :, span], 0, attention, step)
         if self.config.prefill_attention == "full":
@@ -208,6 +251,8 @@ class OjaKVLayer(CacheLayer):
         return self._materialize()
 
     def _initial_basis(self, features, weight, rank: int | None, which: int) -> torch.Tensor:
+        if self.config.body_bits:
+            return self._coded_basis(features, weight, which)
         cov, _ = covariance(features, weight)
         if self.config.init == "prompt":
             vals, vecs = eigh_descending(cov)
@@ -219,6 +264,29 @@ class OjaKVLayer(CacheLayer):
         if self.config.eta_prefill > 0:
             basis = oja_step(basis, cov @ basis, self.config.eta_prefill)
         return basis
+
+    def _coded_basis(self, features, weight, which: int) -> torch.Tensor:
+        """Transform coding (``ojakv.transform_coding``): the prompt's KL basis, cut where the bit allocation leaves
+        coefficients nothing, and a body store that codes rows with that allocation."""
+        cov, count = covariance(features, weight)
+        values, vectors = eigh_descending(cov)
+        d, n = values.shape[-1], features.shape[2]
+        body = n - self.sink_target - min(n - self.sink_target, self.config.n_recent)
+        if self.config.fit_bases and body:
+            bits = fitted_allocation(values, self.config.coefficient_bytes(0, 0, d), body,
+                                     d * self.config.basis_bytes() + 4)  # + the float32 scale of the column
+        else:
+            bits = ordered_allocation(values, self.config.total_bits(d))
+        columns = [j for j, b in enumerate(bits) if b] or [0]
+        index = torch.tensor(columns, device=values.device)
+        per_token = values.index_select(-1, index) / count.clamp_min(1.0).unsqueeze(-1)
+        store = TransformCodedRows([max(bits[j], 1) for j in columns], per_token.sqrt())
+        if which == 0:
+            self.k_coef = store
+        else:
+            self.v_coef = store
+        basis = vectors.index_select(-1, index)
+        return (basis.half() if self.config.basis_bytes() == 2 else basis).contiguous()
 
     def _append(self, keys, values, step: StepInputs, attention: AttentionInputs) -> None:
         """New tokens (decode, or a later prefill chunk): statistics, sink top-up, window, overflow into body."""
@@ -249,8 +317,8 @@ class OjaKVLayer(CacheLayer):
         # The same span leaves every layer's window this step, so its angles are shared (see _body_angles).
         features_k = self._key_features(keys, lambda: self._body_angles(start, count))
         body_start = self.k_coef.length
-        self.k_coef.append((features_k @ self.u_k).to(self.dtype))
-        self.v_coef.append((values.float() @ self.u_v).to(self.dtype))
+        self.k_coef.append((features_k @ self.u_k.float()).to(self.dtype))
+        self.v_coef.append((values.float() @ self.u_v.float()).to(self.dtype))
         if self.config.policy == "residual":
             self._select_exact(keys, values, body_start, attention, None)
         self.k_win, self.v_win = self.k_win[:, :, count:].clone(), self.v_win[:, :, count:].clone()
@@ -313,7 +381,7 @@ class OjaKVLayer(CacheLayer):
     # --- reconstruction ---------------------------------------------------------------------------------------
     def _reconstruct_keys(self, coef: torch.Tensor, start: int) -> torch.Tensor:
         """Keys of the stored tokens [start, start + n) (cache order) from their coefficients, RoPE re-applied."""
-        keys = coef.float() @ self.u_k.transpose(-1, -2)
+        keys = coef.float() @ self.u_k.float().transpose(-1, -2)
         if self.config.key_mode == "pre_rope":
             keys = apply_rope(keys, *self._body_angles(start, coef.shape[2]))
         return keys.to(self.dtype)
@@ -329,8 +397,8 @@ class OjaKVLayer(CacheLayer):
         if self.config.key_mode == "pre_rope":
             angles = self._body_angles(start, body)
         hf.post_body(attention.module, latent_attention.LowRankBody(
-            start=start, key_coef=self.k_coef.view, value_coef=self.v_coef.view, key_basis=self.u_k,
-            value_basis=self.u_v, key_angles=angles, exact_index=self.exact_idx, exact_keys=self.k_exact,
+            start=start, key_coef=self.k_coef.view, value_coef=self.v_coef.view, key_basis=self.u_k.float(),
+            value_basis=self.u_v.float(), key_angles=angles, exact_index=self.exact_idx, exact_keys=self.k_exact,
             exact_values=self.v_exact))
         return torch.cat([self.k_sink, self.k_win], dim=2), torch.cat([self.v_sink, self.v_win], dim=2)
 
@@ -340,7 +408,7 @@ class OjaKVLayer(CacheLayer):
         keys, values = [self.k_sink], [self.v_sink]
         if body:
             body_keys = self._reconstruct_keys(self.k_coef.view, self.k_sink.shape[2])
-            body_values = (self.v_coef.view.float() @ self.u_v.transpose(-1, -2)).to(self.dtype)
+            body_values = (self.v_coef.view.float() @ self.u_v.float().transpose(-1, -2)).to(self.dtype)
             if self.k_exact is not None:
                 rows = self.exact_idx.unsqueeze(-1).expand(-1, -1, -1, body_keys.shape[-1])
                 body_keys.scatter_(2, rows, self.k_exact)
@@ -412,7 +480,7 @@ def held_bytes_per_head(config: OjaKVConfig, geometry, prompt_tokens: int, new_t
     body_slots = n_tokens - anchors + (growth_slack(first_body, n_tokens - anchors - first_body) if first_body else 0)
     body = 2 * body_slots * config.coefficient_bytes(rank, s, d)
     positions = position_bytes * n_tokens if config.key_mode == "pre_rope" else 0
-    subspace = (4 if config.eta_decode > 0 else 2) * d * rank * 4  # U_k, U_v (and Σ x xᵀU for each)
+    subspace = config.subspace_bytes(rank, d)
     return 2 * anchors * d * s + body + subspace + exact * (2 * d * s + 12) + positions
 
 
@@ -453,11 +521,20 @@ class OjaKVQuantConfig(OjaKVConfig):
     coef_bits: int = knob(4, "body coefficients as packed codes of this many bits (2, 4 or 8)")
 
 
-for name, config_class, summary in (
-    ("ojakv", OjaKVConfig, "hybrid anchors + low-rank body in per-head subspaces adapted online by Oja's rule"),
-    ("ojakv-pf", OjaKVPFConfig, "OjaKV with full-precision prefill attention (compression from decoding on)"),
-    ("ojakv+quant", OjaKVQuantConfig, "OjaKV whose body coefficients are stored as packed 4-bit codes"),
+def _ojakv_budget(*args) -> Sizing:
+    from .ojakv_tc import ojakv_budget  # the transform-coded sizing builds on this module
+
+    return ojakv_budget(*args)
+
+
+for name, config_class, summary, for_budget in (
+    ("ojakv", OjaKVConfig, "hybrid anchors + low-rank body in per-head subspaces adapted online by Oja's rule",
+     _ojakv_budget),
+    ("ojakv-pf", OjaKVPFConfig, "OjaKV with full-precision prefill attention (compression from decoding on)",
+     budget_to_rank(OjaKVPFConfig)),
+    ("ojakv+quant", OjaKVQuantConfig, "OjaKV whose body coefficients are stored as packed 4-bit codes",
+     budget_to_rank(OjaKVQuantConfig)),
 ):
     register(Method(name=name, summary=summary, config_class=config_class, build=build_low_rank,
-                    reference="Zhu et al., OjaKV, arXiv 2509.21623", for_budget=budget_to_rank(config_class),
-                    size_knobs=LOW_RANK_SIZE, full_prefill=prefill_attends_in_full))
+                    reference="Zhu et al., OjaKV, arXiv 2509.21623", for_budget=for_budget,
+                    size_knobs=(*LOW_RANK_SIZE, "body_bits", "fit_bases"), full_prefill=prefill_attends_in_full))

@@ -1,14 +1,19 @@
-"""``ojakv-tc``: OjaKV with a transform-coded body (bits allocated by variance in the prompt's KL basis).
+"""``ojakv-tc``, and how ``ojakv`` sizes itself for a budget: OjaKV with a transform-coded body.
 
 The hybrid layout of ``ojakv`` (full-precision anchors and window, everything else in per-head subspaces), with
-the prompt attended in full and the body coded as ``transform_coding`` describes: per layer, ``body_bits`` × d
-bits per token go to the principal coefficients by greedy reverse water-filling on the prompt's spectrum, and the
-coefficients left with no bits are dropped (the rank follows from the budget instead of being set). Each row is
+the prompt attended in full and the body coded as ``ojakv.transform_coding`` describes: per layer, ``body_bits`` ×
+d bits per token go to the principal coefficients by greedy reverse water-filling on the prompt's spectrum, and
+the coefficients left with no bits are dropped (the rank follows from the bits instead of being set). Each row is
 stored as a float16 gain and per-coefficient Lloyd–Max codes of its whitened shape.
 
 Basis updates while decoding are off by default (``eta_decode=0``): each update would decode, re-express and
-code again every stored row (one more rounding each time), and without updates no Oja statistics are held.
-With ``eta_decode > 0`` the rows are re-coded in the new basis with the prompt's scales.
+code again every stored row (one more rounding each time), and without updates no Oja statistics are held and
+the bases are kept in float16. With ``eta_decode > 0`` the rows are re-coded in the new basis with the prompt's
+scales.
+
+Given a budget, ``ojakv`` (unless told ``coef_bits``) and ``ojakv-tc`` choose ``body_bits`` with ``fit_bases``:
+the budget's bytes per body token pay for the codes and for the bases, and each layer keeps the most bits (and
+so the rank) its own spectrum lets it afford. Knobs the user gives stay as given.
 """
 
 from __future__ import annotations
@@ -16,15 +21,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
-from ..errors import OjaKVError
-from ..subspace import covariance, eigh_descending
-from ..transform_coding import MAX_BITS, TransformCodedRows, ordered_allocation
+from ..transform_coding import MAX_BITS
 from . import Method, Sizing, knob, largest_within, register
-from .ojakv import OjaKVConfig, OjaKVLayer, build_low_rank, held_bytes_per_head, prefill_attends_in_full
+from .ojakv import OjaKVConfig, budget_to_rank, build_low_rank, held_bytes_per_head, prefill_attends_in_full
 
 BITS_STEP = 1 / 64  # budgets map to whole bits per token on a 64-dim head, finer on wider ones
+# What ``ojakv`` given only a budget runs, besides the body's bits: the prompt attended in full (a compressed
+# prefill loses the needle tasks, docs/RESULTS.md) and bases kept from the prompt (each re-coding adds rounding).
+BUDGET_DEFAULTS = {"prefill_attention": "full", "eta_decode": 0.0}
+SIZE_KNOBS = ("body_bits", "fit_bases")
 
 
 @dataclass
@@ -34,78 +39,40 @@ class OjaKVTCConfig(OjaKVConfig):
     prefill_attention: str = knob("full", "the prompt attends in full; the body is coded after it")
     eta_decode: float = knob(0.0, "Oja step every update_interval decoded tokens (0 = the prompt's basis is kept)")
 
-    def __post_init__(self) -> None:
-        if not self.body_bits:  # the coder off: the rank knobs apply, as in ojakv
-            super().__post_init__()
 
-    def validate(self) -> None:
-        super().validate()
-        given = [name for name in ("rank_ratio", "rank", "energy") if getattr(self, name) is not None]
-        if self.body_bits and given:
-            raise OjaKVError(f"body_bits decides the rank (coefficients given no bits are dropped): drop "
-                             f"{' and '.join(given)}, or set body_bits=0 to use them")
-        if not 0.0 <= self.body_bits <= MAX_BITS:
-            raise OjaKVError(f"body_bits must be in [0, {MAX_BITS}] bits per coordinate, got {self.body_bits}: "
-                             "e.g. --body-bits 2")
-        if self.body_bits and self.init != "prompt":
-            raise OjaKVError("body_bits allocates bits from the prompt's spectrum: use init='prompt'")
-        if self.body_bits and self.coef_bits:
-            raise OjaKVError("give body_bits (transform coding) or coef_bits (uniform codes), not both")
+def transform_coded_budget(config_class: type, defaults: dict):
+    """A ``for_budget`` choosing the most body bits (with ``fit_bases``) whose predicted held bytes stay within
+    the budget; ``defaults`` fill the knobs the user left out."""
 
-    def total_bits(self, head_dim: int) -> int:
-        return round(self.body_bits * head_dim)
+    def for_budget(knobs, geometry, prompt_tokens, new_tokens, dtype_bytes, budget) -> Sizing:
+        d = geometry.head_dim
+        full = 2 * (prompt_tokens + new_tokens) * d * dtype_bytes
+        shared_positions = 4 / (geometry.num_layers * geometry.num_kv_heads)
+        chosen = {**{k: v for k, v in defaults.items() if k not in knobs}, "fit_bases": True,
+                  "rank": None, "rank_ratio": None, "energy": None}
 
-    def coefficient_bytes(self, rank: int, dtype_bytes: int, head_dim: int) -> float:
-        if not self.body_bits:
-            return super().coefficient_bytes(rank, dtype_bytes, head_dim)
-        return self.total_bits(head_dim) / 8 + 2.5  # codes, ≤ 4 partly filled bytes (≈ 0.5 on average), the gain
+        def ratio(bits_per_coordinate: float) -> float:
+            sized = config_class(**{**knobs, **chosen, "body_bits": bits_per_coordinate})
+            return held_bytes_per_head(sized, geometry, prompt_tokens, new_tokens, d, dtype_bytes,
+                                       shared_positions) / full
+
+        steps = [round(k * BITS_STEP * 64 / d, 6) for k in range(1, math.floor(MAX_BITS / BITS_STEP * d / 64) + 1)]
+        best = largest_within(steps, ratio, budget)
+        return Sizing({**chosen, "body_bits": best}, ratio(best), ratio(steps[0]),
+                      "1 bit per token, plus the full-precision anchors and window")
+
+    return for_budget
 
 
-class TransformCodedLayer(OjaKVLayer):
-    """OjaKV storage whose body rows are transform coded; everything else is ``OjaKVLayer``'s."""
-
-    def _initial_basis(self, features, weight, rank, which: int) -> torch.Tensor:
-        if not self.config.body_bits:
-            return super()._initial_basis(features, weight, rank, which)
-        cov, count = covariance(features, weight)
-        values, vectors = eigh_descending(cov)
-        bits = ordered_allocation(values, self.config.total_bits(values.shape[-1]))
-        columns = [j for j, b in enumerate(bits) if b] or [0]
-        index = torch.tensor(columns, device=values.device)
-        per_token = values.index_select(-1, index) / count.clamp_min(1.0).unsqueeze(-1)
-        store = TransformCodedRows([max(bits[j], 1) for j in columns], per_token.sqrt())
-        if which == 0:
-            self.k_coef = store
-        else:
-            self.v_coef = store
-        return vectors.index_select(-1, index).contiguous()
-
-
-def _build(model, config: OjaKVTCConfig):
-    return build_low_rank(model, config, TransformCodedLayer)
-
-
-def _for_budget(knobs, geometry, prompt_tokens, new_tokens, dtype_bytes, budget) -> Sizing:
-    """The most body bits whose predicted held bytes stay within the budget. The basis is counted at the rank
-    those bits could reach at most (every coefficient given at least one bit), so the prediction is a cap."""
-    d = geometry.head_dim
-    full = 2 * (prompt_tokens + new_tokens) * d * dtype_bytes
-    shared_positions = 4 / (geometry.num_layers * geometry.num_kv_heads)
-
-    def ratio(bits_per_coordinate: float) -> float:
-        sized = OjaKVTCConfig(**{**knobs, "body_bits": bits_per_coordinate, "rank": None, "rank_ratio": None,
-                                 "energy": None})
-        rank = min(d, sized.total_bits(d))
-        return held_bytes_per_head(sized, geometry, prompt_tokens, new_tokens, rank, dtype_bytes,
-                                   shared_positions) / full
-
-    steps = [round(k * BITS_STEP * 64 / d, 6) for k in range(1, math.floor(MAX_BITS / BITS_STEP * d / 64) + 1)]
-    best = largest_within(steps, ratio, budget)
-    return Sizing({"body_bits": best}, ratio(best), ratio(steps[0]),
-                  "1 bit per token, plus the full-precision anchors and window and the bases")
+def ojakv_budget(knobs, *args) -> Sizing:
+    """``ojakv`` for a budget: a transform-coded body, or the rank at uniform codes when ``coef_bits`` is given."""
+    if knobs.get("coef_bits"):
+        return budget_to_rank(OjaKVConfig)(knobs, *args)
+    return transform_coded_budget(OjaKVConfig, BUDGET_DEFAULTS)(knobs, *args)
 
 
 register(Method(name="ojakv-tc", summary="OjaKV with a transform-coded body: bits allocated by variance in the KL basis",
-                config_class=OjaKVTCConfig, build=_build, for_budget=_for_budget, size_knobs=("body_bits",),
+                config_class=OjaKVTCConfig, build=build_low_rank,
+                for_budget=transform_coded_budget(OjaKVTCConfig, {}), size_knobs=SIZE_KNOBS,
                 full_prefill=prefill_attends_in_full,
                 reference="Zhu et al., OjaKV, arXiv 2509.21623; transform coding: Huang & Schultheiss 1963"))
