@@ -18,6 +18,7 @@ where the bits pay.
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 from typing import Sequence
 
@@ -83,22 +84,27 @@ def ordered_allocation(eigenvalues: torch.Tensor, total_bits: int) -> list[int]:
     return allocate_bits(_mean_shares(eigenvalues), total_bits)
 
 
-def fitted_allocation(eigenvalues: torch.Tensor, bytes_per_row: float, rows: int, bytes_per_column: float) -> list[int]:
-    """The allocation of ``ordered_allocation`` with the most bits whose bytes for ``rows`` tokens (packed codes
-    and a gain per row, ``TransformCodedRows.bytes_per_row``) plus ``bytes_per_column`` for each coefficient kept
-    (its basis column and scale) stay within ``rows × bytes_per_row``: the rank follows from what the bases cost
-    against the body they serve, not from a guess made before the spectrum is known."""
+def fitted_allocation(eigenvalues: torch.Tensor, bytes_per_row: float, rows: int, basis_bytes: float) -> list[int]:
+    """The allocation of ``ordered_allocation`` with the most bits whose bytes for ``rows`` tokens
+    (``TransformCodedRows.bytes_per_row`` each), its ``fixed_bytes`` and ``basis_bytes`` per coefficient kept (its
+    basis column) stay within ``rows × bytes_per_row``: the rank follows from what the bases cost against the body
+    they serve, not from a guess made before the spectrum is known. Counted per head, the codebooks (held once per
+    layer) as if each head held its own."""
     shares = _mean_shares(eigenvalues)
     order = bit_order(shares, MAX_BITS * len(shares))
     bits, rank, fitting = [0] * len(shares), 0, 0
     digits = {digit: 0 for digit in (8, 4, 2, 1)}  # coefficients whose width has this binary digit
+    widths = [0] * (MAX_BITS + 1)  # coefficients of each width
     for spent, j in enumerate(order, start=1):
         for digit in digits:
             digits[digit] += bool((bits[j] + 1) & digit) - bool(bits[j] & digit)
         rank += not bits[j]
+        widths[bits[j]] -= 1
         bits[j] += 1
+        widths[bits[j]] += 1
         packed = sum(-(-count * digit // 8) for digit, count in digits.items())  # = mixed_bytes(bits)
-        if rows * (packed + 2) + rank * bytes_per_column <= rows * bytes_per_row:
+        fixed = 8 * rank + 4 * sum(2**w for w in range(1, MAX_BITS + 1) if widths[w])  # = fixed_bytes(bits)
+        if rows * (packed + 2) + fixed + rank * basis_bytes <= rows * bytes_per_row:
             fitting = spent
     best = [0] * len(shares)
     for j in order[:fitting]:
@@ -131,25 +137,37 @@ class TransformCodedRows(CodedRows):
         self.scale = torch.maximum(scale, scale.amax(-1, keepdim=True) * SCALE_FLOOR).clamp_min(_TINY)
         self.codes, self.gains = GrowableTensor(), GrowableTensor()
         device = scale.device
-        self._centroids = {b: shape_codebook(len(self.bits), b).to(device) for b in set(self.bits)}
+        # The codebooks of the widths used, end to end, and where each coefficient's starts: decoding looks every
+        # code up in one indexing (both are held, so counted: ``fixed_bytes``).
+        widths = sorted(set(self.bits))
+        starts = dict(zip(widths, itertools.accumulate((2**b for b in widths), initial=0)))
+        self.table = torch.cat([shape_codebook(len(self.bits), b) for b in widths]).to(device)
+        self.starts = torch.tensor([starts[b] for b in self.bits], dtype=torch.int32, device=device)
+        self._centroids = {b: self.table[starts[b] : starts[b] + 2**b] for b in widths}  # views
         self._columns = {b: torch.tensor([j for j, w in enumerate(self.bits) if w == b], device=device)
-                         for b in self._centroids}
+                         for b in widths}
 
     @staticmethod
     def bytes_per_row(bits: Sequence[int]) -> int:
         """Bytes one token's row takes: the packed codes plus a float16 gain."""
         return mixed_bytes(bits) + 2
 
+    @staticmethod
+    def fixed_bytes(bits: Sequence[int]) -> int:
+        """Bytes held per head whatever the length: a float32 scale and an int32 codebook start per coefficient,
+        plus the float32 codebooks of the widths used (per sequence of the batch, as the scales)."""
+        return 8 * len(bits) + 4 * sum(2**b for b in set(bits))
+
     @property
     def buffers(self) -> tuple:
-        return self.codes, self.gains, self.scale
+        return self.codes, self.gains, self.scale, self.table, self.starts
 
     @property
     def view(self) -> torch.Tensor | None:
         if not self.length:
             return None
-        return decode_rows(self.codes.view, self.gains.view, self.bits, self._centroids, self._columns,
-                           self.scale)
+        shape = self.table[unpack_mixed(self.codes.view, self.bits).long() + self.starts]
+        return shape * self.gains.view.float() * self.scale.unsqueeze(2)
 
     def append(self, x: torch.Tensor) -> None:
         codes, gains = encode_rows(x, self.bits, self._centroids, self._columns, self.scale)
@@ -175,12 +193,3 @@ def encode_rows(x, bits, centroids, columns, scale) -> tuple[torch.Tensor, torch
     approx = coded * scale.unsqueeze(2)
     gain = (x.float() * approx).sum(-1, keepdim=True) / approx.pow(2).sum(-1, keepdim=True).clamp_min(_TINY)
     return pack_mixed(index, bits), gain.clamp(-_FLOAT16_MAX, _FLOAT16_MAX).half()
-
-
-def decode_rows(codes, gains, bits, centroids, columns, scale) -> torch.Tensor:
-    """Rows [b, h, n, r] (float32) from what ``encode_rows`` stored."""
-    index = unpack_mixed(codes, bits).long()
-    shape = torch.zeros(index.shape, dtype=torch.float32, device=codes.device)
-    for width, centres in centroids.items():
-        shape.index_copy_(-1, columns[width], centres[index.index_select(-1, columns[width])])
-    return shape * gains.float() * scale.unsqueeze(2)

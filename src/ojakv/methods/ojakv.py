@@ -273,8 +273,7 @@ class OjaKVLayer(CacheLayer):
         d, n = values.shape[-1], features.shape[2]
         body = n - self.sink_target - min(n - self.sink_target, self.config.n_recent)
         if self.config.fit_bases and body:
-            bits = fitted_allocation(values, self.config.coefficient_bytes(0, 0, d), body,
-                                     d * self.config.basis_bytes() + 4)  # + the float32 scale of the column
+            bits = fitted_allocation(values, self.config.coefficient_bytes(0, 0, d), body, d * self.config.basis_bytes())
         else:
             bits = ordered_allocation(values, self.config.total_bits(d))
         columns = [j for j, b in enumerate(bits) if b] or [0]
