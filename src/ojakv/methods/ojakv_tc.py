@@ -64,11 +64,13 @@ def transform_coded_budget(config_class: type, defaults: dict):
     return for_budget
 
 
+_RANK_AT_UNIFORM_CODES = budget_to_rank(OjaKVConfig)
+_CODED_BODY = transform_coded_budget(OjaKVConfig, BUDGET_DEFAULTS)
+
+
 def ojakv_budget(knobs, *args) -> Sizing:
     """``ojakv`` for a budget: a transform-coded body, or the rank at uniform codes when ``coef_bits`` is given."""
-    if knobs.get("coef_bits"):
-        return budget_to_rank(OjaKVConfig)(knobs, *args)
-    return transform_coded_budget(OjaKVConfig, BUDGET_DEFAULTS)(knobs, *args)
+    return (_RANK_AT_UNIFORM_CODES if knobs.get("coef_bits") else _CODED_BODY)(knobs, *args)
 
 
 register(Method(name="ojakv-tc", summary="OjaKV with a transform-coded body: bits allocated by variance in the KL basis",

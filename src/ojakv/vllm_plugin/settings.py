@@ -100,6 +100,13 @@ def _number(name: str, value: Any, kind: type) -> Any:
     return float(value)
 
 
+def _whole_at_least(knobs: dict, name: str, default: int, least: int) -> int:
+    value = _number(name, knobs.get(name, default), int)
+    if value < least:
+        raise refuse(f"{name} must be >= {least}, got {value}")
+    return value
+
+
 def _budget(value: Any) -> float:
     value = _number("budget", value, float)
     if not 0.0 < value <= 1.0:
@@ -160,9 +167,7 @@ def _bits(knobs: dict, budget: float | None, method: str, allowed: tuple[int, ..
 
 def _parse_quant(knobs: dict, budget: float | None) -> Settings:
     bits = _bits(knobs, budget, "quant", QUANT_BITS)
-    group = _number("group", knobs.get("group", 32), int)
-    if group < 1:
-        raise refuse(f"group must be >= 1, got {group}")
+    group = _whole_at_least(knobs, "group", 32, 1)
     return Settings("quant", bits=bits, group=group, budget=budget)
 
 
@@ -179,9 +184,7 @@ def _parse_turboquant(knobs: dict, budget: float | None) -> Settings:
         raise refuse(f"turboquant bits {raw} (outlier channels chosen per prompt) are not served; use "
                      f"{'/'.join(map(str, TURBOQUANT_BITS))}")
     bits = _bits(knobs, budget, "turboquant", TURBOQUANT_BITS)
-    seed = _number("rotation_seed", knobs.get("rotation_seed", 0), int)
-    if seed < 0:
-        raise refuse(f"rotation_seed must be >= 0, got {seed}")
+    seed = _whole_at_least(knobs, "rotation_seed", 0, 0)
     return Settings("turboquant", bits=bits, rotation_seed=seed, budget=budget)
 
 
