@@ -29,10 +29,23 @@ def test_samples_are_deterministic_token_exact_and_hold_their_answer(tokenizer, 
     sample = make_sample(task, tokenizer, length, index=1, seed=3)
     assert sample == make_sample(task, tokenizer, length, index=1, seed=3)
     assert make_sample(task, tokenizer, length, index=2, seed=3).answers != sample.answers
-    total = _tokens(tokenizer, sample.context) + _tokens(tokenizer, sample.question)
+    total = sum(_tokens(tokenizer, text) for text in (sample.context, sample.turn, sample.question))
     assert abs(total - length) <= 0.02 * length
     for answer in sample.answers:
-        assert answer in sample.context and answer not in sample.question
+        assert answer in sample.context + sample.turn and answer not in sample.question
+
+
+@pytest.mark.parametrize("kind", ["noise", "code", "numbers"])
+def test_a_context_shift_puts_the_key_in_a_next_turn_of_another_kind(tokenizer, kind):
+    sample = make_sample(f"shift_{kind}", tokenizer, 1024, index=2)
+    key = sample.answers[0]
+    assert key in sample.turn and key not in sample.context
+    first = _tokens(tokenizer, sample.context)
+    assert abs(first - 512) <= 2  # the first document: half the sample, essays
+    marker = {"noise": "The grass is green.", "code": "def ", "numbers": "row 1:"}[kind]
+    assert marker in sample.turn and marker not in sample.context
+    at = sample.turn.index(key) / len(sample.turn)
+    assert abs(at - 0.5) < 0.1  # sample 2's depth, inside the turn
 
 
 def test_a_context_with_several_needles_asks_for_each_of_them(tokenizer):
@@ -119,7 +132,7 @@ def test_the_shared_prefill_gives_the_records_of_one_prefill_per_method(model, t
     runs = {}
     for share in (True, False):
         out = tmp_path / str(share)
-        run_sweep(model, tokenizer, specs, tasks=["passkey", "niah_multikey_1"], lengths=[400], samples=1,
+        run_sweep(model, tokenizer, specs, tasks=["passkey", "niah_multikey_1", "shift_code"], lengths=[400], samples=1,
                   budgets=[0.5], placements=[placement], out_dir=out, max_new_tokens=3, progress=False,
                   share_prefill=share)
         records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
@@ -130,6 +143,25 @@ def test_the_shared_prefill_gives_the_records_of_one_prefill_per_method(model, t
         direct = runs[False][key]
         assert (shared["completion"], shared["held_bytes"]) == (direct["completion"], direct["held_bytes"]), key
         assert shared["prefill"] == ("own" if key[0].startswith("ojakv:") else "derived") and direct["prefill"] == "own"
+
+
+def test_a_next_turn_fed_in_chunks_answers_as_the_whole_prompt_does(model, tokenizer, tmp_path):
+    """The full cache's record of a context-shift sample (context prefilled, the turn fed 32 tokens a call, then
+    the question) is the greedy completion of the whole text in one prompt; and the turn is refused inside."""
+    import torch
+
+    out = run_sweep(model, tokenizer, [MethodSpec.parse("full")], tasks=["shift_numbers"], lengths=[400],
+                    samples=1, budgets=[None], placements=["after", "inside"], out_dir=tmp_path, max_new_tokens=6,
+                    progress=False)
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert record["placement"] == "after"
+    sample = make_sample("shift_numbers", tokenizer, 400, index=0)
+    ids = [tokenizer(text, add_special_tokens=False).input_ids for text in (sample.context, sample.turn, sample.question)]
+    prompt = torch.tensor([ids[0] + ids[1] + ids[2]])
+    with torch.no_grad():
+        whole = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6,
+                               do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert record["completion"] == tokenizer.decode(whole[0, prompt.shape[1]:], skip_special_tokens=True)
 
 
 def test_intervals_and_paired_comparisons_in_the_summary(tmp_path):

@@ -101,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "ojakv:key_mode=post_rope+policy=residual")
     ev.add_argument("--budgets", default="", help="held-bytes budgets, e.g. 0.6,0.4,0.25 (methods that can map "
                     "a budget to their knobs; empty: run each method with its own knobs)")
-    ev.add_argument("--tasks", default="passkey", help="tasks or suites: passkey, ruler, niah_single_1..3, ppl")
+    ev.add_argument("--tasks", default="passkey", help="tasks or suites: passkey, ruler, niah_single_1..3, ppl, shift "
+                    "(context shift: essays, then a next turn of noise, code or numbers holding the pass key, fed in "
+                    "chunks; ppl and shift run with the question after only)")
     ev.add_argument("--lengths", default="2048", help="context lengths in tokens of the model's tokenizer")
     ev.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
                     help="contexts per task and length (tasks with several questions per context record each)")

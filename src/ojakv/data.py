@@ -122,9 +122,9 @@ def _haystack_text(tokenizer, filler: list[int], n_tokens: int) -> str:
 
 
 def _cut_at_depth(haystack: str, depth: float) -> int:
-    """The sentence start nearest to relative depth ``depth``, so a needle never lands mid-word."""
+    """The sentence (or line) start nearest to relative depth ``depth``, so a needle never lands mid-word."""
     target = depth * len(haystack)
-    starts = [0, len(haystack)] + [match.end() for match in re.finditer(r"[.?!] ", haystack)]
+    starts = [0, len(haystack)] + [match.end() for match in re.finditer(r"[.?!] |\n", haystack)]
     return min(starts, key=lambda start: (abs(start - target), start))
 
 

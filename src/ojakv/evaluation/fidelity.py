@@ -56,12 +56,14 @@ def essay_text(tokenizer, context_tokens: int, continuation_tokens: int, index: 
 
 
 def task_text(tokenizer, task: str, length: int, index: int = 0, seed: int = 0) -> Text:
-    """A task prompt: its context, then the first question with its right answer as the continuation."""
+    """A task prompt: its context, then (after the next turn, where the task has one) the first question with its
+    right answer as the continuation."""
     from .tasks import make_sample
 
     sample = make_sample(task, tokenizer, length, index, seed)
     query = sample.queries[0]
-    continuation = tokenizer(query.question + " " + ", ".join(query.answers), add_special_tokens=False).input_ids
+    answered = sample.turn + query.question + " " + ", ".join(query.answers)
+    continuation = tokenizer(answered, add_special_tokens=False).input_ids
     return Text(f"{task}#{index}", tokenizer(sample.context, add_special_tokens=False).input_ids, continuation)
 
 

@@ -4,7 +4,9 @@ A sweep goes context by context. Each context is prefilled once with full-precis
 and every method whose own prefill is full precision gets its cache derived from that (the same cache its own
 prefill would build, tested); methods whose prefill attention runs on compressed K/V prefill for themselves.
 With the question after the context, a compressed context is forked for each question asked of it, so one
-prefill serves every method, budget and question. Records are appended as each sample finishes, keyed by
+prefill serves every method, budget and question. A task's next turn (the context-shift tasks) is fed through
+each cell's compressed context in chunks of ``TURN_CHUNK`` tokens, as decoding would, before the questions
+(so those tasks run with the question after only). Records are appended as each sample finishes, keyed by
 everything that defines it, so an interrupted sweep resumes where it stopped. Quality comes from real greedy
 generations (or token-by-token decode-mode perplexity); memory from the cache's own report after the sample.
 """
@@ -26,10 +28,12 @@ from ..atomic import atomic_path
 from ..errors import OjaKVError
 from ..hf import cache_kwargs, geometry, stop_when
 from ..methods import UnreachableBudget, get_method, knobs_for_budget, parse_value
-from .tasks import Sample, expand_tasks, make_sample, string_match_all
+from .tasks import SUITES, Sample, expand_tasks, make_sample, string_match_all
 
 PLACEMENTS = ("after", "inside")  # question after the compressed context / inside the compressed prompt
 PPL_CONTINUATION = 256  # tokens scored one by one after the compressed context
+AFTER_ONLY = {"ppl", *SUITES["shift"]}  # tasks whose text after the context is not a question
+TURN_CHUNK = 32  # tokens per forward call when a task's next turn arrives after its context
 
 
 @dataclass(frozen=True)
@@ -138,7 +142,7 @@ def run_sweep(model, tokenizer, specs: list[MethodSpec], *, tasks: list[str], le
     cells = [Cell(spec, budget) for spec in specs for budget in (budgets if spec.name != "full" else [None])]
     sweep = Sweep(model, tokenizer, seed, max_new_tokens, share_prefill)
     contexts = [(task, length, placement, index) for task in tasks for length in lengths
-                for placement in (placements if task != "ppl" else ["after"]) for index in range(samples)]
+                for placement in (placements if task not in AFTER_ONLY else ["after"]) for index in range(samples)]
     with path.open("a") as sink, tqdm(total=len(contexts), desc="eval", unit="context", disable=not progress) as bar:
         for task, length, placement, index in contexts:
             for record in sweep.run(Context(task, length, placement, index), cells, done):
@@ -206,9 +210,9 @@ class Sweep:
 
     def _after(self, sample: Sample, context: Context, todo: dict):
         """The context is compressed once per cell; each question and its answer arrive afterwards, on a fork."""
-        ids = self._ids(sample.context)
+        ids, turn = self._ids(sample.context), self._ids(sample.turn) if sample.turn else []
         questions = [self._ids(query.question) for query in sample.queries]
-        new_tokens = max(len(q) for q in questions) + self.max_new_tokens
+        new_tokens = len(turn) + max(len(q) for q in questions) + self.max_new_tokens
         captured: dict = {}
         for cell, queries in todo.items():
             try:
@@ -217,15 +221,28 @@ class Sweep:
                 yield from (_unreachable(cell, context, query, unreachable) for query in queries)
                 continue
             with base:
+                start = time.perf_counter()
+                self._feed(base, ids, turn)
+                prefill_seconds += time.perf_counter() - start
                 for position, query in enumerate(queries):
                     last = position == len(queries) - 1
                     cache = base if last else base.fork()
                     start = time.perf_counter()
-                    completion = self._generate(ids + questions[query], cache, sample.queries[query].answers)
+                    completion = self._generate(ids + turn + questions[query], cache, sample.queries[query].answers)
                     record = self._record(cell, context, sample, query, cache, completion, path,
                                           prefill_seconds + time.perf_counter() - start)
                     cache.close()
                     yield record
+
+    def _feed(self, cache, ids: list[int], turn: list[int]) -> None:
+        """The next turn's tokens through ``cache`` (which holds ``ids``), ``TURN_CHUNK`` at a time."""
+        device = self.model.device
+        with torch.no_grad():
+            for start in range(0, len(turn), TURN_CHUNK):
+                seen = len(ids) + start
+                chunk = torch.tensor([turn[start : start + TURN_CHUNK]], device=device)
+                mask = torch.ones(1, seen + chunk.shape[1], dtype=torch.long, device=device)
+                self.model(input_ids=chunk, attention_mask=mask, use_cache=True, **cache_kwargs(self.model, cache))
 
     def _inside(self, sample: Sample, context: Context, todo: dict):
         """Each question is part of the prompt the cell compresses; its answer is generated afterwards."""

@@ -2,7 +2,8 @@
 
 Every sample is a ``context`` (what a compressor gets to compress) and a ``question`` (the query and the start of
 the answer). Where the question goes is the runner's choice: after the compressed context (the compressor cannot
-see it; the honest default) or inside the prompt that is compressed.
+see it; the honest default) or inside the prompt that is compressed. The context-shift tasks add a ``turn``: a
+second document of another kind that arrives after the context, in chunks, as a chat's next turn would.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..data import ANSWER_START, QUESTION, haystack_prompt, passkey_prompt
+from ..data import ANSWER_START, NEEDLE, QUESTION, essay_text, haystack_prompt, passkey_prompt
 from ..errors import OjaKVError
 
 
@@ -36,7 +37,9 @@ class Query:
 class Sample:
     """A context and the questions asked about it. Tasks that plant several needles but ask for one ask for each
     of them in turn: every query is scored as a sample of its own, and a runner that compresses the context once
-    spends one prefill on all of them. ``length`` counts the context and the first query."""
+    spends one prefill on all of them. ``turn``, when there is one, arrives after the context and before any
+    question, fed through the cache in decode-mode chunks (the context-shift tasks). ``length`` counts the
+    context, the turn and the first query."""
 
     task: str
     length: int
@@ -44,6 +47,7 @@ class Sample:
     context: str
     queries: list[Query]
     meta: dict = field(default_factory=dict)
+    turn: str = ""
 
     @property
     def question(self) -> str:
@@ -165,8 +169,6 @@ def _variable_tracking(tokenizer, length: int, index: int, seed: int) -> Sample:
 @functools.lru_cache(maxsize=1)
 def _vocabulary() -> tuple[str, ...]:
     """Distinct lowercase words of the eval essays (4-10 letters): natural words for the aggregation tasks."""
-    from ..data import essay_text
-
     return tuple(sorted({w for w in re.findall(r"[a-z]+", essay_text("eval").lower()) if 4 <= len(w) <= 10}))
 
 
@@ -226,6 +228,51 @@ def _frequent_words(tokenizer, length: int, index: int, seed: int) -> Sample:
     return Sample("fwe", length, index, context, [Query(question, [w for w, _ in counts.most_common(3)])], {})
 
 
+def _code_filler(rng: random.Random) -> str:
+    """Small Python functions with names from the essays' words: source code, a document of another kind."""
+    words = _vocabulary()
+    blocks = []
+    for _ in range(60):
+        name, arg = rng.choice(words), rng.choice(words)
+        factor, offset = rng.randint(2, 97), rng.randint(1, 999)
+        blocks.append(f"def {name}_{factor}({arg}s):\n    total = {offset}\n    for {arg} in {arg}s:\n"
+                      f"        total += {arg} * {factor}\n    return total\n")
+    return "\n".join(blocks)
+
+
+def _number_filler(rng: random.Random) -> str:
+    """Rows of four-digit numbers: a table, a document of another kind."""
+    return "\n".join(f"row {i + 1}: " + " ".join(str(rng.randint(1000, 9999)) for _ in range(8)) for i in range(200))
+
+
+SHIFT_FILLERS = {"noise": None, "code": _code_filler, "numbers": _number_filler}
+SHIFT_SPLIT = 0.5  # the first document's share of the sample's tokens; the turn (and the question) get the rest
+
+
+def _shift(kind: str):
+    """Context shift: essays are the context; the next turn is a document of another ``kind`` (the pass-key noise,
+    source code, rows of numbers) holding the pass key, fed after the context; the question asks for the key. What
+    a basis fitted on the context meets when the conversation moves on (the claim online updates make)."""
+
+    def make(tokenizer, length: int, index: int, seed: int) -> Sample:
+        rng = _rng("shift", kind, seed, index)
+        first = int(length * SHIFT_SPLIT)
+        text = essay_text("eval")
+        start = text.find(". ", rng.randrange(len(text) - 10 * first)) + 2  # from a sentence start
+        context = tokenizer.decode(tokenizer(text[start : start + 10 * first], add_special_tokens=False)
+                                   .input_ids[:first]).strip()
+        depth = DEPTH_GRID[index % len(DEPTH_GRID)]
+        key = str(rng.randint(10000, 99999))
+        filler = SHIFT_FILLERS[kind]
+        suffix = f"\n\n{QUESTION} {ANSWER_START}"
+        prompt = haystack_prompt(tokenizer, length - first, NEEDLE.format(passkey=key), f"{QUESTION}\n{ANSWER_START}",
+                                 depth=depth, haystack="noise", filler_text=filler and filler(rng))
+        turn = "\n\n" + prompt[: -len(suffix)]
+        return Sample(f"shift_{kind}", length, index, context, [Query(suffix, [key])], {"depth": depth}, turn)
+
+    return make
+
+
 # name -> generator(tokenizer, length, index, seed) -> Sample. RULER names map to their closest local form.
 TASKS: dict[str, Callable] = {
     "passkey": _passkey,
@@ -243,10 +290,11 @@ TASKS: dict[str, Callable] = {
     "needle": _niah("needle", "essays", "number", grid=NEEDLE_GRID),
     "cwe": _common_words,
     "fwe": _frequent_words,
+    **{f"shift_{kind}": _shift(kind) for kind in SHIFT_FILLERS},
 }
 RULER = ["niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
          "niah_multikey_3", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe"]
-SUITES = {"ruler": RULER}
+SUITES = {"ruler": RULER, "shift": [f"shift_{kind}" for kind in SHIFT_FILLERS]}
 
 
 def expand_tasks(names: list[str]) -> list[str]:
