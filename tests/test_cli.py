@@ -81,3 +81,19 @@ def test_method_lists_keep_composition_names_whole():
     specs = _specs("full,snapkv+ojakv,ojakv+quant:rank=8+coef_bits=8")
     assert [(s.name, dict(s.knobs)) for s in specs] == [
         ("full", {}), ("snapkv+ojakv", {}), ("ojakv+quant", {"rank": 8, "coef_bits": 8})]
+
+
+def test_a_knob_several_methods_share_shows_each_method_s_default():
+    import dataclasses
+
+    from ojakv.cli import _knob_fields, _knob_help
+    from ojakv.methods import get_method
+
+    help_text = _knob_help(_knob_fields()["window"])
+    defaults = {name: {f.name: f.default for f in dataclasses.fields(get_method(name).config_class)}["window"]
+                for name in ("streaming-llm", "snapkv")}
+    assert defaults["streaming-llm"] != defaults["snapkv"]
+    for name, default in defaults.items():
+        assert f"{default} for" in help_text and name in help_text
+    assert "meaning per method" in help_text  # streaming-llm's window is kept tokens, snapkv's its observation
+    assert "meaning per method" not in _knob_help(_knob_fields()["rank_ratio"])

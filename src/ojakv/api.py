@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from contextlib import contextmanager
 
 from .cache import CompressedCache, LayerPlan
@@ -54,37 +52,9 @@ def _check_model(model) -> None:
 
 
 def _config(method: str, knobs: dict):
-    """The method and its validated config; knob values of the wrong type are refused before ``validate``
-    compares them (which would raise a TypeError, or accept a float where an index is needed)."""
+    """The method and its validated config (knobs of the wrong kind refused first, ``methods.knobs``)."""
     spec = get_method(method)
-    fields = {f.name: f for f in dataclasses.fields(spec.config_class)}
-    for name, value in knobs.items():
-        if name in fields:
-            _check_knob_type(spec.name, fields[name], value)
     return spec, spec.make_config(**knobs)
-
-
-def _check_knob_type(method: str, field: dataclasses.Field, value) -> None:
-    annotation = str(field.type)
-    if value is None:
-        if "None" not in annotation:
-            raise OjaKVError(f"{method} knob {field.name} cannot be None: leave it out for its default "
-                             f"({field.default!r})")
-        return
-    number = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if "bool" in annotation:
-        expected, ok = "True or False", isinstance(value, bool)
-    elif "float" in annotation:
-        expected, ok = "a finite number", number and math.isfinite(value)
-    elif "int" in annotation:
-        expected, ok = "a whole number", number and isinstance(value, numbers.Integral)
-    elif "str" in annotation:
-        expected, ok = "a string", isinstance(value, str)
-    else:
-        return
-    if not ok:
-        example = f" (default {field.default!r})" if field.default is not None else ""
-        raise OjaKVError(f"{method} knob {field.name} takes {expected}, got {value!r}{example}")
 
 
 def methods() -> dict[str, dict]:

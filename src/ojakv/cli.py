@@ -21,22 +21,36 @@ DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_SAMPLES = 22  # a cell's Wilson 95% interval at accuracy 0.5 is then ±0.19 (±0.20 at 20)
 
 
-def _knob_fields() -> dict[str, dataclasses.Field]:
+def _knob_fields() -> dict[str, list[tuple[str, dataclasses.Field]]]:
+    """Each knob name and the (method, field) pairs that have it, in registration order."""
     from .methods import registered
 
-    fields: dict[str, dataclasses.Field] = {}
-    for spec in registered().values():
+    fields: dict[str, list[tuple[str, dataclasses.Field]]] = {}
+    for name, spec in registered().items():
         for field in dataclasses.fields(spec.config_class):
-            fields.setdefault(field.name, field)
+            fields.setdefault(field.name, []).append((name, field))
     return fields
+
+
+def _knob_help(owners: list[tuple[str, dataclasses.Field]]) -> str:
+    """The first method's help, then each method's own default: a knob several methods share (``window``,
+    ``bits``, ``n_sink``) may mean the same thing with other defaults."""
+    defaults: dict[str, list[str]] = {}
+    for method, field in owners:
+        defaults.setdefault(repr(field.default), []).append(method)
+    if len(defaults) == 1:
+        return f"{owners[0][1].metadata.get('help', '')} (default {owners[0][1].default})"
+    listed = "; ".join(f"{value} for {', '.join(methods)}" for value, methods in defaults.items())
+    meanings = {field.metadata.get("help", "") for _, field in owners}
+    other = ", meaning per method: see `ojakv methods`" if len(meanings) > 1 else ""
+    return f"{owners[0][1].metadata.get('help', '')} (default {listed}{other})"
 
 
 def _add_knob_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("method knobs (see `ojakv methods` for which method has which)")
-    for name, field in _knob_fields().items():
-        help_text = field.metadata.get("help", "")
-        group.add_argument(f"--{name.replace('_', '-')}", dest=f"knob_{name}", type=str,
-                           default=None, help=f"{help_text} (default {field.default})")
+    for name, owners in _knob_fields().items():
+        group.add_argument(f"--{name.replace('_', '-')}", dest=f"knob_{name}", type=str, default=None,
+                           help=_knob_help(owners))
 
 
 def _given_knobs(args: argparse.Namespace, config_class: type) -> dict:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..errors import OjaKVError
+from .knobs import check_value, knob, parse_value  # noqa: F401  (the knob pipeline, used by every method module)
 
 
 BUDGET_TOLERANCE = 0.02  # a method may hold this much more than a budget (its knobs are discrete)
@@ -75,6 +76,9 @@ class Method:
             raise OjaKVError(
                 f"method {self.name!r} has no knob {', '.join(unknown)}; its knobs are: {', '.join(sorted(known))}"
             )
+        fields = {f.name: f for f in dataclasses.fields(self.config_class)}
+        for name, value in knobs.items():  # values of the wrong kind, before validate compares them
+            check_value(self.name, fields[name], value)
         config = self.config_class(**knobs)
         validate = getattr(config, "validate", None)
         if validate is not None:
@@ -139,34 +143,6 @@ def get_method(name: str) -> Method:
 
 def registered() -> dict[str, Method]:
     return dict(_REGISTRY)
-
-
-_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-
-
-def parse_value(config_class: type, name: str, text: str, label: str | None = None):
-    """A knob value from text (CLI flags, method specs), typed from the config dataclass's annotation; errors name
-    the knob as ``label`` (default ``knob NAME``; the CLI passes its flag)."""
-    annotation = str({f.name: f.type for f in dataclasses.fields(config_class)}.get(name, "str"))
-    label = label or f"knob {name}"
-    if "bool" in annotation:
-        if text.strip().lower() not in _BOOLEANS:
-            raise OjaKVError(f"{label} needs true or false, got {text!r}")
-        return _BOOLEANS[text.strip().lower()]
-    try:
-        if "float" in annotation:
-            return float(text)
-        if "int" in annotation:
-            return int(text)
-    except ValueError:
-        kind = "a number" if "float" in annotation else "a whole number"
-        raise OjaKVError(f"{label} needs {kind}, got {text!r}") from None
-    return text
-
-
-def knob(default, help: str):
-    """A config field with a help string (shown by ``ojakv methods`` and the CLI)."""
-    return dataclasses.field(default=default, metadata={"help": help})
 
 
 # Registration happens on import; keep this list in the order the README's method table uses.
