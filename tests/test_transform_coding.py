@@ -187,3 +187,13 @@ def test_a_budget_with_coef_bits_keeps_ojakv_at_a_rank(tiny):
 def test_fit_bases_needs_a_transform_coded_body(tiny):
     with pytest.raises(OjaKVError, match="give body_bits too"):
         ojakv.make_cache(tiny, "ojakv", fit_bases=True)
+
+
+@pytest.mark.parametrize("budget", [0.2, 0.12])
+def test_a_budget_spreads_the_bases_over_the_tokens_still_to_come(budget):
+    """The budget counts the prompt and new_tokens; the bases serve all their body rows, so with as many new
+    tokens as prompt ones the cache still holds what was asked (not less, as bases charged to the prompt alone)."""
+    from test_methods import _ratio_after
+
+    ratio = _ratio_after("ojakv", dict(budget=budget, new_tokens=400), prompt=400, new=400)
+    assert budget - 0.02 <= ratio <= budget + 0.02

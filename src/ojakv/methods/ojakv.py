@@ -73,6 +73,8 @@ class OjaKVConfig:
                                  "0 = the rank knobs, coefficients in the model's dtype (or coef_bits codes)")
     fit_bases: bool = knob(False, "with body_bits: those bits also pay for the bases, spread over the prompt's "
                                   "body tokens (what a budget sets: each layer's rank then follows its spectrum)")
+    fit_new_tokens: int = knob(0, "with fit_bases: tokens still to come, whose body rows share the bases' cost "
+                                  "with the prompt's (a budget sets its new_tokens)")
 
     def __post_init__(self) -> None:
         if self.rank_ratio is None and self.energy is None and self.rank is None and not self.body_bits:
@@ -114,6 +116,10 @@ class OjaKVConfig:
         if not 0.0 <= self.body_bits <= MAX_BITS:
             raise OjaKVError(f"body_bits must be in [0, {MAX_BITS}] bits per coordinate, got {self.body_bits}: "
                              "e.g. --body-bits 2")
+        if self.fit_new_tokens < 0:
+            raise OjaKVError(f"fit_new_tokens counts tokens still to come (>= 0), got {self.fit_new_tokens}")
+        if self.fit_new_tokens and not self.fit_bases:
+            raise OjaKVError("fit_new_tokens spreads the bases of fit_bases over more rows: give fit_bases too")
         if not self.body_bits:
             if self.fit_bases:
                 raise OjaKVError("fit_bases sizes a transform-coded body: give body_bits too (e.g. --body-bits 2)")
@@ -273,7 +279,8 @@ class OjaKVLayer(CacheLayer):
         d, n = values.shape[-1], features.shape[2]
         body = n - self.sink_target - min(n - self.sink_target, self.config.n_recent)
         if self.config.fit_bases and body:
-            bits = fitted_allocation(values, self.config.coefficient_bytes(0, 0, d), body, d * self.config.basis_bytes())
+            rows = body + self.config.fit_new_tokens  # every body row the bases will serve, not only the prompt's
+            bits = fitted_allocation(values, self.config.coefficient_bytes(0, 0, d), rows, d * self.config.basis_bytes())
         else:
             bits = ordered_allocation(values, self.config.total_bits(d))
         columns = [j for j, b in enumerate(bits) if b] or [0]
@@ -536,4 +543,4 @@ for name, config_class, summary, for_budget in (
 ):
     register(Method(name=name, summary=summary, config_class=config_class, build=build_low_rank,
                     reference="Zhu et al., OjaKV, arXiv 2509.21623", for_budget=for_budget,
-                    size_knobs=(*LOW_RANK_SIZE, "body_bits", "fit_bases"), full_prefill=prefill_attends_in_full))
+                    size_knobs=(*LOW_RANK_SIZE, "body_bits", "fit_bases", "fit_new_tokens"), full_prefill=prefill_attends_in_full))

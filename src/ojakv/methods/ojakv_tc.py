@@ -12,8 +12,9 @@ the bases are kept in float16. With ``eta_decode > 0`` the rows are re-coded in 
 scales.
 
 Given a budget, ``ojakv`` (unless told ``coef_bits``) and ``ojakv-tc`` choose ``body_bits`` with ``fit_bases``:
-the budget's bytes per body token pay for the codes and for the bases, and each layer keeps the most bits (and
-so the rank) its own spectrum lets it afford. Knobs the user gives stay as given.
+the budget's bytes per body token pay for the codes and for the bases, spread over every body row the cache will
+hold (the prompt's and the ``new_tokens`` to come), and each layer keeps the most bits (and so the rank) its own
+spectrum lets it afford. Knobs the user gives stay as given.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ BITS_STEP = 1 / 64  # budgets map to whole bits per token on a 64-dim head, fine
 # What ``ojakv`` given only a budget runs, besides the body's bits: the prompt attended in full (a compressed
 # prefill loses the needle tasks, docs/RESULTS.md) and bases kept from the prompt (each re-coding adds rounding).
 BUDGET_DEFAULTS = {"prefill_attention": "full", "eta_decode": 0.0}
-SIZE_KNOBS = ("body_bits", "fit_bases")
+SIZE_KNOBS = ("body_bits", "fit_bases", "fit_new_tokens")
 
 
 @dataclass
@@ -49,7 +50,7 @@ def transform_coded_budget(config_class: type, defaults: dict):
         full = 2 * (prompt_tokens + new_tokens) * d * dtype_bytes
         shared_positions = 4 / (geometry.num_layers * geometry.num_kv_heads)
         chosen = {**{k: v for k, v in defaults.items() if k not in knobs}, "fit_bases": True,
-                  "rank": None, "rank_ratio": None, "energy": None}
+                  "fit_new_tokens": new_tokens, "rank": None, "rank_ratio": None, "energy": None}
 
         def ratio(bits_per_coordinate: float) -> float:
             sized = config_class(**{**knobs, **chosen, "body_bits": bits_per_coordinate})
