@@ -190,10 +190,12 @@ def test_fit_bases_needs_a_transform_coded_body(tiny):
 
 
 @pytest.mark.parametrize("budget", [0.2, 0.12])
-def test_a_budget_spreads_the_bases_over_the_tokens_still_to_come(budget):
+@pytest.mark.parametrize("eta_decode", [0.0, 0.05])
+def test_a_budget_spreads_the_bases_over_the_tokens_still_to_come(budget, eta_decode):
     """The budget counts the prompt and new_tokens; the bases serve all their body rows, so with as many new
-    tokens as prompt ones the cache still holds what was asked (not less, as bases charged to the prompt alone)."""
+    tokens as prompt ones the cache still holds what was asked (not less, as bases charged to the prompt alone);
+    moving bases pay for their Oja statistics at the rank kept, not at head_dim."""
     from test_methods import _ratio_after
 
-    ratio = _ratio_after("ojakv", dict(budget=budget, new_tokens=400), prompt=400, new=400)
+    ratio = _ratio_after("ojakv", dict(budget=budget, new_tokens=400, eta_decode=eta_decode), prompt=400, new=400)
     assert budget - 0.02 <= ratio <= budget + 0.02

@@ -71,8 +71,9 @@ class OjaKVConfig:
     body_bits: float = knob(0.0, "transform-coded body: average bits per body coordinate (over head_dim), "
                                  "allocated to the prompt's KL coefficients by variance, so the rank follows; "
                                  "0 = the rank knobs, coefficients in the model's dtype (or coef_bits codes)")
-    fit_bases: bool = knob(False, "with body_bits: those bits also pay for the bases, spread over the prompt's "
-                                  "body tokens (what a budget sets: each layer's rank then follows its spectrum)")
+    fit_bases: bool = knob(False, "with body_bits: those bits also pay for the bases (and their Oja statistics), "
+                                  "spread over the body's tokens (what a budget sets: each layer's rank then "
+                                  "follows its spectrum)")
     fit_new_tokens: int = knob(0, "with fit_bases: tokens still to come, whose body rows share the bases' cost "
                                   "with the prompt's (a budget sets its new_tokens)")
 
@@ -148,11 +149,15 @@ class OjaKVConfig:
         in float16: their rounding (≤ 2⁻¹¹ relative) is far below the codes'. Moving bases stay float32."""
         return 2 if self.body_bits and self.eta_decode == 0 else 4
 
+    def column_bytes(self, head_dim: int) -> int:
+        """Bytes one kept coefficient costs apart from its codes: its basis column and, when the bases move while
+        decoding, that column of the float32 Oja statistics Σ x xᵀU."""
+        return head_dim * (self.basis_bytes() + (4 if self.eta_decode > 0 else 0))
+
     def subspace_bytes(self, rank: int, head_dim: int) -> float:
-        """Bytes one KV head's bases U_k, U_v take (none apart when ``fit_bases`` counts them in the body's bits)
-        and, when the bases move while decoding, their float32 Oja statistics Σ x xᵀU."""
-        bases = 0 if self.fit_bases else 2 * head_dim * rank * self.basis_bytes()
-        return bases + (2 * head_dim * rank * 4 if self.eta_decode > 0 else 0)
+        """Bytes one KV head's bases U_k, U_v and their Oja statistics take (none apart when ``fit_bases`` pays for
+        them from the body's bits, at the rank the spectrum leaves)."""
+        return 0 if self.fit_bases else 2 * rank * self.column_bytes(head_dim)
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -280,7 +285,7 @@ class OjaKVLayer(CacheLayer):
         body = n - self.sink_target - min(n - self.sink_target, self.config.n_recent)
         if self.config.fit_bases and body:
             rows = body + self.config.fit_new_tokens  # every body row the bases will serve, not only the prompt's
-            bits = fitted_allocation(values, self.config.coefficient_bytes(0, 0, d), rows, d * self.config.basis_bytes())
+            bits = fitted_allocation(values, self.config.coefficient_bytes(0, 0, d), rows, self.config.column_bytes(d))
         else:
             bits = ordered_allocation(values, self.config.total_bits(d))
         columns = [j for j, b in enumerate(bits) if b] or [0]
