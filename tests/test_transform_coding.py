@@ -171,7 +171,7 @@ def test_a_budget_makes_ojakv_code_its_body_and_pay_for_its_float16_bases(tiny):
         heads = layer.u_k.shape[0] * layer.u_k.shape[1]
         per_head = (layer.k_coef.nbytes + layer.u_k.numel() * 2) / heads  # codes, gains, scales and the basis
         # every row slot (decoded rows and growth slack too) within what the budget gives a body row
-        assert per_head <= layer.k_coef.codes.capacity * layer.config.coefficient_bytes(0, 0, layer.u_k.shape[-2])
+        assert per_head <= layer.k_coef.codes.capacity * layer.config.coefficient_bytes(0, 0, layer.u_k.shape[-2], 0)
     assert cache.memory().ratio <= 0.3 + 0.02
 
 
@@ -199,3 +199,24 @@ def test_a_budget_spreads_the_bases_over_the_tokens_still_to_come(budget, eta_de
 
     ratio = _ratio_after("ojakv", dict(budget=budget, new_tokens=400, eta_decode=eta_decode), prompt=400, new=400)
     assert budget - 0.02 <= ratio <= budget + 0.02
+
+
+def test_value_share_splits_the_body_s_bits_between_values_and_keys(tiny):
+    from helpers import greedy_scores, padded_batch
+
+    ids, mask = padded_batch(tiny.config.vocab_size, (300,), seed=6)
+    head_dim = tiny.config.hidden_size // tiny.config.num_attention_heads
+    cache = ojakv.make_cache(tiny, "ojakv-tc", body_bits=1.0, value_share=0.75)
+    greedy_scores(tiny, ids, mask, cache, steps=2)
+    for layer in cache.layers:
+        assert sum(layer.k_coef.bits) == head_dim // 2 and sum(layer.v_coef.bits) == 3 * head_dim // 2
+    with pytest.raises(OjaKVError, match="value_share must be in"):
+        ojakv.make_cache(tiny, "ojakv-tc", value_share=1.0)
+    ratio = _ratio_after_budget(0.2, value_share=0.3)
+    assert 0.18 <= ratio <= 0.22
+
+
+def _ratio_after_budget(budget, **knobs):
+    from test_methods import _ratio_after
+
+    return _ratio_after("ojakv", dict(budget=budget, new_tokens=16, **knobs), prompt=600, new=16)

@@ -74,6 +74,8 @@ class OjaKVConfig:
     fit_bases: bool = knob(False, "with body_bits: those bits also pay for the bases (and their Oja statistics), "
                                   "spread over the body's tokens (what a budget sets: each layer's rank then "
                                   "follows its spectrum)")
+    value_share: float = knob(0.5, "with body_bits: the share of the body's bits that code values (keys get "
+                                   "the rest; 0.5 = as many bits for a key row as for a value row)")
     fit_new_tokens: int = knob(0, "with fit_bases: tokens still to come, whose body rows share the bases' cost "
                                   "with the prompt's (a budget sets its new_tokens)")
 
@@ -114,6 +116,8 @@ class OjaKVConfig:
         self._validate_transform_coding(given)
 
     def _validate_transform_coding(self, rank_knobs: list[str]) -> None:
+        if not 0.0 < self.value_share < 1.0:
+            raise OjaKVError(f"value_share must be in (0, 1), got {self.value_share}: e.g. --value-share 0.5")
         if not 0.0 <= self.body_bits <= MAX_BITS:
             raise OjaKVError(f"body_bits must be in [0, {MAX_BITS}] bits per coordinate, got {self.body_bits}: "
                              "e.g. --body-bits 2")
@@ -133,15 +137,19 @@ class OjaKVConfig:
         if self.coef_bits:
             raise OjaKVError("give body_bits (transform coding) or coef_bits (uniform codes), not both")
 
-    def total_bits(self, head_dim: int) -> int:
-        """Bits one token's transform-coded key (or value) row gets (``body_bits`` × head_dim)."""
-        return round(self.body_bits * head_dim)
+    def total_bits(self, head_dim: int, which: int) -> int:
+        """Bits one token's transform-coded key (``which`` 0) or value (1) row gets: ``body_bits`` × head_dim on
+        average over the two, split by ``value_share``."""
+        share = self.value_share if which else 1.0 - self.value_share
+        return round(2 * share * self.body_bits * head_dim)
 
-    def coefficient_bytes(self, rank: int, dtype_bytes: int, head_dim: int) -> float:
-        """Bytes one token's key (or value) coefficients take in the body. Transform-coded rows: their codes, at
-        most 4 partly filled bytes (about 0.5 on average) and a float16 gain."""
+    def coefficient_bytes(self, rank: int, dtype_bytes: int, head_dim: int, which: int | None = None) -> float:
+        """Bytes one token's key (``which`` 0) or value (1) coefficients take in the body, or their mean (None).
+        Transform-coded rows: their codes, at most 4 partly filled bytes (about 0.5 on average), a float16 gain."""
         if self.body_bits:
-            return self.total_bits(head_dim) / 8 + 2.5
+            if which is None:
+                return (self.total_bits(head_dim, 0) + self.total_bits(head_dim, 1)) / 16 + 2.5
+            return self.total_bits(head_dim, which) / 8 + 2.5
         return rank * dtype_bytes if not self.coef_bits else QuantizedRows.bytes_per_row(rank, self.coef_bits)
 
     def basis_bytes(self) -> int:
@@ -285,9 +293,10 @@ class OjaKVLayer(CacheLayer):
         body = n - self.sink_target - min(n - self.sink_target, self.config.n_recent)
         if self.config.fit_bases and body:
             rows = body + self.config.fit_new_tokens  # every body row the bases will serve, not only the prompt's
-            bits = fitted_allocation(values, self.config.coefficient_bytes(0, 0, d), rows, self.config.column_bytes(d))
+            bits = fitted_allocation(values, self.config.coefficient_bytes(0, 0, d, which), rows,
+                                     self.config.column_bytes(d))
         else:
-            bits = ordered_allocation(values, self.config.total_bits(d))
+            bits = ordered_allocation(values, self.config.total_bits(d, which))
         columns = [j for j, b in enumerate(bits) if b] or [0]
         index = torch.tensor(columns, device=values.device)
         per_token = values.index_select(-1, index) / count.clamp_min(1.0).unsqueeze(-1)
