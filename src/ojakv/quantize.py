@@ -160,7 +160,12 @@ def unpack_mixed(packed: torch.Tensor, widths: Sequence[int]) -> torch.Tensor:
 
 def mixed_bytes(widths: Sequence[int]) -> int:
     """Bytes ``pack_mixed`` uses for one row of these widths."""
-    return sum(-(-len(columns) * width // 8) for width, columns, _ in _mixed_layout(tuple(widths)))
+    return packed_bytes({width: len(columns) for width, columns, _ in _mixed_layout(tuple(widths))})
+
+
+def packed_bytes(digit_counts: dict[int, int]) -> int:
+    """Bytes of a ``pack_mixed`` row from how many entries have each binary digit (8, 4, 2, 1) in their width."""
+    return sum(-(-count * digit // 8) for digit, count in digit_counts.items())
 
 
 @functools.lru_cache(maxsize=None)

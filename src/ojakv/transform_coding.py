@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from .quantize import codebook, codebook_distortion, mixed_bytes, pack_mixed, unpack_mixed
+from .quantize import codebook, codebook_distortion, mixed_bytes, pack_mixed, packed_bytes, unpack_mixed
 from .storage import CodedRows, GrowableTensor
 
 MAX_BITS = 8
@@ -35,6 +35,7 @@ SPHERE_DIM = 256
 SCALE_FLOOR = 1e-3  # relative to a head's largest coefficient scale
 _FLOAT16_MAX = torch.finfo(torch.float16).max
 _TINY = 1e-30
+GAIN_BYTES = 2  # each row's float16 gain
 
 
 def allocate_bits(variances: Sequence[float], total_bits: int, max_bits: int = MAX_BITS) -> list[int]:
@@ -102,9 +103,10 @@ def fitted_allocation(eigenvalues: torch.Tensor, bytes_per_row: float, rows: int
         widths[bits[j]] -= 1
         bits[j] += 1
         widths[bits[j]] += 1
-        packed = sum(-(-count * digit // 8) for digit, count in digits.items())  # = mixed_bytes(bits)
-        fixed = 8 * rank + 4 * sum(2**w for w in range(1, MAX_BITS + 1) if widths[w])  # = fixed_bytes(bits)
-        if rows * (packed + 2) + fixed + rank * basis_bytes <= rows * bytes_per_row:
+        # bytes_per_row and fixed_bytes of ``bits``, kept up to date as each bit is added
+        packed = packed_bytes(digits) + GAIN_BYTES
+        fixed = _fixed_bytes(rank, [w for w in range(1, MAX_BITS + 1) if widths[w]])
+        if rows * packed + fixed + rank * basis_bytes <= rows * bytes_per_row:
             fitting = spent
     best = [0] * len(shares)
     for j in order[:fitting]:
@@ -150,13 +152,13 @@ class TransformCodedRows(CodedRows):
     @staticmethod
     def bytes_per_row(bits: Sequence[int]) -> int:
         """Bytes one token's row takes: the packed codes plus a float16 gain."""
-        return mixed_bytes(bits) + 2
+        return mixed_bytes(bits) + GAIN_BYTES
 
     @staticmethod
     def fixed_bytes(bits: Sequence[int]) -> int:
         """Bytes held per head whatever the length: a float32 scale and an int32 codebook start per coefficient,
         plus the float32 codebooks of the widths used (per sequence of the batch, as the scales)."""
-        return 8 * len(bits) + 4 * sum(2**b for b in set(bits))
+        return _fixed_bytes(len(bits), set(bits))
 
     @property
     def buffers(self) -> tuple:
@@ -173,6 +175,10 @@ class TransformCodedRows(CodedRows):
         codes, gains = encode_rows(x, self.bits, self._centroids, self._columns, self.scale)
         self.codes.append(codes)
         self.gains.append(gains)
+
+
+def _fixed_bytes(rank: int, widths) -> int:
+    return 8 * rank + 4 * sum(2**b for b in widths)
 
 
 def encode_rows(x, bits, centroids, columns, scale) -> tuple[torch.Tensor, torch.Tensor]:

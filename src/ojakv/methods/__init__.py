@@ -70,13 +70,12 @@ class Method:
         ]
 
     def make_config(self, **knobs):
-        known = {f.name for f in dataclasses.fields(self.config_class)}
-        unknown = sorted(set(knobs) - known)
+        fields = {f.name: f for f in dataclasses.fields(self.config_class)}
+        unknown = sorted(set(knobs) - set(fields))
         if unknown:
             raise OjaKVError(
-                f"method {self.name!r} has no knob {', '.join(unknown)}; its knobs are: {', '.join(sorted(known))}"
+                f"method {self.name!r} has no knob {', '.join(unknown)}; its knobs are: {', '.join(sorted(fields))}"
             )
-        fields = {f.name: f for f in dataclasses.fields(self.config_class)}
         for name, value in knobs.items():  # values of the wrong kind, before validate compares them
             check_value(self.name, fields[name], value)
         config = self.config_class(**knobs)

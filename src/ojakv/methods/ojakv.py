@@ -37,7 +37,7 @@ from ..rope import apply_rope, undo_rope
 from ..quantize import SUPPORTED_BITS
 from ..storage import CodedRows, GrowableTensor, QuantizedRows, growth_slack
 from ..subspace import change_of_basis, covariance, eigh_descending, oja_step, rank_for_energy
-from ..transform_coding import MAX_BITS, TransformCodedRows, fitted_allocation, ordered_allocation
+from ..transform_coding import GAIN_BYTES, MAX_BITS, TransformCodedRows, fitted_allocation, ordered_allocation
 from . import Method, Sizing, knob, largest_within, register
 
 KEY_MODES = ("pre_rope", "post_rope")
@@ -148,8 +148,8 @@ class OjaKVConfig:
         Transform-coded rows: their codes, at most 4 partly filled bytes (about 0.5 on average), a float16 gain."""
         if self.body_bits:
             if which is None:
-                return (self.total_bits(head_dim, 0) + self.total_bits(head_dim, 1)) / 16 + 2.5
-            return self.total_bits(head_dim, which) / 8 + 2.5
+                return sum(self.coefficient_bytes(rank, dtype_bytes, head_dim, w) for w in (0, 1)) / 2
+            return self.total_bits(head_dim, which) / 8 + 0.5 + GAIN_BYTES
         return rank * dtype_bytes if not self.coef_bits else QuantizedRows.bytes_per_row(rank, self.coef_bits)
 
     def basis_bytes(self) -> int:
@@ -505,6 +505,7 @@ def held_bytes_per_head(config: OjaKVConfig, geometry, prompt_tokens: int, new_t
 
 
 LOW_RANK_SIZE = ("rank", "rank_ratio", "energy")
+CODED_SIZE = ("body_bits", "fit_bases", "fit_new_tokens")  # what a budget sets for a transform-coded body
 
 
 def prefill_attends_in_full(config: OjaKVConfig) -> bool:
@@ -557,4 +558,4 @@ for name, config_class, summary, for_budget in (
 ):
     register(Method(name=name, summary=summary, config_class=config_class, build=build_low_rank,
                     reference="Zhu et al., OjaKV, arXiv 2509.21623", for_budget=for_budget,
-                    size_knobs=(*LOW_RANK_SIZE, "body_bits", "fit_bases", "fit_new_tokens"), full_prefill=prefill_attends_in_full))
+                    size_knobs=(*LOW_RANK_SIZE, *CODED_SIZE), full_prefill=prefill_attends_in_full))

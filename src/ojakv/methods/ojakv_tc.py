@@ -24,13 +24,13 @@ from dataclasses import dataclass
 
 from ..transform_coding import MAX_BITS
 from . import Method, Sizing, knob, largest_within, register
-from .ojakv import OjaKVConfig, budget_to_rank, build_low_rank, held_bytes_per_head, prefill_attends_in_full
+from .ojakv import (CODED_SIZE, OjaKVConfig, budget_to_rank, build_low_rank, held_bytes_per_head,
+                    prefill_attends_in_full)
 
 BITS_STEP = 1 / 64  # budgets map to whole bits per token on a 64-dim head, finer on wider ones
 # What ``ojakv`` given only a budget runs, besides the body's bits: the prompt attended in full (a compressed
 # prefill loses the needle tasks, docs/RESULTS.md) and bases kept from the prompt (each re-coding adds rounding).
 BUDGET_DEFAULTS = {"prefill_attention": "full", "eta_decode": 0.0}
-SIZE_KNOBS = ("body_bits", "fit_bases", "fit_new_tokens")
 
 
 @dataclass
@@ -76,6 +76,6 @@ def ojakv_budget(knobs, *args) -> Sizing:
 
 register(Method(name="ojakv-tc", summary="OjaKV with a transform-coded body: bits allocated by variance in the KL basis",
                 config_class=OjaKVTCConfig, build=build_low_rank,
-                for_budget=transform_coded_budget(OjaKVTCConfig, {}), size_knobs=SIZE_KNOBS,
+                for_budget=transform_coded_budget(OjaKVTCConfig, {}), size_knobs=CODED_SIZE,
                 full_prefill=prefill_attends_in_full,
                 reference="Zhu et al., OjaKV, arXiv 2509.21623; transform coding: Huang & Schultheiss 1963"))
