@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 
 WHEELS=(platformdirs==4.5.1 gguf==0.19.0)
 LENGTHS=${LENGTHS:-8192,16384,32768}
-METHODS=${METHODS:-full,ojakv,ojakv:key_mode=post_rope,ojakv:attention=reconstruct,snapkv,kivi,turboquant}
+METHODS=${METHODS:-full,ojakv,ojakv:select_tokens=256,ojakv:key_mode=post_rope,ojakv:attention=reconstruct,snapkv,kivi,turboquant}
 
 case "${1:-}" in
 fetch)

@@ -35,6 +35,7 @@ def full_cache(model):
 
 def held_tensor_bytes(cache) -> int:
     """Walk every layer's attributes (into lists and quantized blocks) and add up the storage found."""
+    from ojakv.landmarks import ChunkLandmarks
     from ojakv.quantize import Quantized
     from ojakv.storage import CodedRows
 
@@ -49,6 +50,8 @@ def held_tensor_bytes(cache) -> int:
             return size(list(value.buffers))
         if isinstance(value, Quantized):
             return size([value.codes, value.scale, value.minimum])
+        if isinstance(value, ChunkLandmarks):
+            return size([value.means, value.tail])
         return 0
 
     total = cache.shared.positions.nbytes if cache.shared.positions is not None else 0

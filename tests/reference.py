@@ -15,6 +15,8 @@ itself and lets a ``Reference`` object change what attention sees:
   Lloyd–Max centroid; OjaKV's coefficients through the min/max rule, or transform coded). Turboquant and ojakv+quant settle float16
   near-ties (norms, scales, minima within 1e-5 of a rounding tie) by the value the library stored, as bases are
   taken; any other decision near its boundary makes the example ambiguous;
+- selective decode (ojakv's ``select_tokens``): the low-rank projection, and in decode calls only the chunks whose
+  mean exact key scores highest stay visible;
 - composition (snapkv+ojakv): the SnapKV mask, and the low-rank projection of the held tokens;
 - cross-layer key sharing (pod): a shared layer's distant keys replaced by its group's base layer's keys.
 
@@ -97,6 +99,7 @@ def reference_attention(module, query, key, value, attention_mask, scaling, drop
     None and every visibility rule is explicit below."""
     reference = _ACTIVE[-1]
     layer = module.layer_idx
+    attended = reference.query_keep_mask(layer, query, key)  # from the exact keys, before any transform
     key, value = reference.transform(layer, key, value)
     b, heads, q, d = query.shape
     kv_heads, total = key.shape[1], key.shape[2]
@@ -106,8 +109,9 @@ def reference_attention(module, query, key, value, attention_mask, scaling, drop
     causal = torch.arange(total)[None, :] <= query_index[:, None]  # [q, total]
     visible = causal[None, None] & valid[:, None, None, :]
     keep = reference.keep_mask(layer, total)  # [b, kv_heads, total] or None
-    if keep is not None:
-        visible = visible & keep.repeat_interleave(group, dim=1)[:, :, None, :]
+    for mask in (keep, attended):
+        if mask is not None:
+            visible = visible & mask.repeat_interleave(group, dim=1)[:, :, None, :]
     scores = (query.float() @ key.float().repeat_interleave(group, dim=1).transpose(-1, -2)) * scaling
     probs = torch.softmax(scores.masked_fill(~visible, -math.inf), dim=-1).nan_to_num(0.0)
     probs = probs * valid[:, None, total - q :, None]  # padded query rows attend to nothing
@@ -138,6 +142,10 @@ class Reference:
         return keys, values
 
     def keep_mask(self, layer, total):
+        return None
+
+    def query_keep_mask(self, layer, query, key):
+        """Columns this call's queries may see [b, kv_heads, total], decided from them and the exact keys; None: all."""
         return None
 
     def observe(self, layer, probs):
@@ -391,6 +399,33 @@ class LowRankReference(Reference):
     def code(self, coefficients, body, layer, role):
         """Coefficients as the body holds them: in the model's dtype, exact for a float32 model."""
         return coefficients
+
+
+class SelectiveLowRankReference(LowRankReference):
+    """As ``LowRankReference``; in every call after the first with at most ``max_queries`` queries, a KV head sees
+    of the low-rank tokens only the ``keep`` complete chunks of ``chunk`` (counted from the first low-rank token)
+    whose mean exact key has the largest q·mean over the head's queries, and the tokens after the last complete
+    chunk."""
+
+    def __init__(self, num_layers, bases, n_sink, n_recent, key_mode, chunk, keep, max_queries):
+        super().__init__(num_layers, bases, n_sink, n_recent, key_mode)
+        self.chunk, self.keep, self.max_queries = chunk, keep, max_queries
+
+    def query_keep_mask(self, layer, query, key):
+        if self.first_call or self.q > self.max_queries:
+            return None
+        b, kv_heads, total, d = key.shape
+        start = self.sink_count
+        chunks = (total - self.n_recent - start) // self.chunk
+        if chunks <= self.keep:
+            return None
+        means = key.float()[:, :, start : start + chunks * self.chunk].unflatten(2, (chunks, self.chunk)).mean(3)
+        scores = (query.float().reshape(b, kv_heads, -1, d) @ means.transpose(-1, -2)).amax(2)  # [b, h, chunks]
+        self.note_gap(scores.sort(-1, descending=True).values, self.keep)
+        chosen = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, scores.topk(self.keep).indices, True)
+        visible = torch.ones(b, kv_heads, total, dtype=torch.bool)
+        visible[..., start : start + chunks * self.chunk] = chosen.repeat_interleave(self.chunk, dim=-1)
+        return visible
 
 
 class QuantizedLowRankReference(LowRankReference):

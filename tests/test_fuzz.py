@@ -243,10 +243,10 @@ def test_every_method_has_a_reference_or_a_reason():
 KNOWN_BUGS: dict = {}
 
 
-def compare(model, method, knobs, ids, mask, chunks, decode):
+def compare(model, method, knobs, ids, mask, chunks, decode, make_reference=None):
     cache = ojakv.make_cache(model, method, **knobs)
     library = ref.run(model, cache, ids, mask, chunks, decode)
-    reference = REFERENCES[method][1](knobs, cache)
+    reference = (make_reference or REFERENCES[method][1])(knobs, cache)
     expected = ref.run(model, reference, ids, mask, chunks, decode)
     if reference.min_gap <= AMBIGUOUS:  # a tie at the cut: either choice is right, so nothing to compare
         return False
@@ -264,6 +264,29 @@ def test_method_matches_its_reference(model, method, data):
     assume(not KNOWN_BUGS.get(method, lambda *inputs: False)(ids, mask, chunks))
     knobs = data.draw(REFERENCES[method][0](ids.shape[1]), label="knobs")
     assume(compare(model, method, knobs, ids, mask, chunks, decode))
+
+
+def _selective_knobs(n):
+    return st.tuples(_low_rank_knobs(n, eta_decode=0.0), st.fixed_dictionaries({  # the second part wins
+        "select_chunk": st.integers(1, 8), "select_tokens": st.integers(1, 24)})).map(
+        lambda parts: {**parts[0], **parts[1]})
+
+
+def _selective_reference(knobs, cache):
+    from ojakv.attention import MAX_LATENT_QUERIES
+
+    keep = max(1, knobs["select_tokens"] // knobs["select_chunk"])
+    return ref.SelectiveLowRankReference(LAYERS, _bases(cache), knobs["n_sink"], knobs["n_recent"],
+                                         knobs["key_mode"], knobs["select_chunk"], keep, MAX_LATENT_QUERIES)
+
+
+@FUZZ
+@given(data=st.data())
+def test_selective_decode_matches_its_reference(model, data):
+    """``ojakv`` with ``select_tokens``: the exact low-rank attention restricted to the chunks the landmarks pick."""
+    ids, mask, chunks, decode = data.draw(scenarios(), label="inputs")
+    knobs = data.draw(_selective_knobs(ids.shape[1]), label="knobs")
+    assume(compare(model, "ojakv", knobs, ids, mask, chunks, decode, _selective_reference))
 
 
 # --- regressions: inputs on which the differential tests found bugs (fixed, or xfail until fixed) -----------

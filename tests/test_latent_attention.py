@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import ojakv
 from ojakv import attention as latent
 from tiny import tiny_model
-from ojakv.rope import apply_rope
+from ojakv.rope import Rotation, apply_rope
 
 from helpers import greedy_scores, padded_batch
 
@@ -78,30 +78,34 @@ def test_the_wrapper_is_inert_for_other_caches(gqa_model):
 @given(
     batch=st.integers(1, 3), kv_heads=st.integers(1, 3), groups=st.integers(1, 4), q=st.integers(1, 4),
     n_dense=st.integers(1, 9), n_body=st.integers(1, 40), rank=st.integers(1, 8), pre_rope=st.booleans(),
-    n_exact=st.integers(0, 3), padded=st.booleans(), seed=st.integers(0, 2**16),
+    n_exact=st.integers(0, 3), padded=st.booleans(), seed=st.integers(0, 2**16), chunk=st.integers(0, 6),
 )
 def test_latent_attention_equals_sdpa_on_the_rebuilt_tensors(batch, kv_heads, groups, q, n_dense, n_body, rank,
-                                                             pre_rope, n_exact, padded, seed):
+                                                             pre_rope, n_exact, padded, seed, chunk):
     """Random coefficients, bases, angles, exact overrides and padding masks: same output as SDPA over the
-    explicitly rebuilt keys and values in cache order."""
+    explicitly rebuilt keys and values in cache order. With a chunk selection that keeps every chunk (``chunk``
+    > 0), the selective path's gathers (rows, per-head angles, mask columns) must give that same output."""
     gen = torch.Generator().manual_seed(seed)
     d, heads = 8, kv_heads * groups
-    n_exact = min(n_exact, n_body)
+    n_exact = 0 if chunk else min(n_exact, n_body)
     start = n_dense // 2  # dense tokens before the body (anchors); the rest (window and new tokens) after
     query = torch.randn(batch, heads, q, d, generator=gen)
     dense_k = torch.randn(batch, kv_heads, n_dense + q, d, generator=gen)
     dense_v = torch.randn(batch, kv_heads, n_dense + q, d, generator=gen)
     basis = lambda: torch.linalg.qr(torch.randn(batch, kv_heads, d, rank, generator=gen))[0]  # noqa: E731
-    body = latent.LowRankBody(
-        start=start, key_coef=torch.randn(batch, kv_heads, n_body, rank, generator=gen),
-        value_coef=torch.randn(batch, kv_heads, n_body, rank, generator=gen), key_basis=basis(), value_basis=basis())
-    body_k = body.key_coef @ body.key_basis.transpose(-1, -2)
+    key_coef, value_coef = (torch.randn(batch, kv_heads, n_body, rank, generator=gen) for _ in range(2))
+    body = latent.LowRankBody(start=start, key_coef=key_coef, value_coef=value_coef, key_basis=basis(),
+                              value_basis=basis())
+    if chunk and n_body >= chunk:
+        chunks = n_body // chunk
+        body.selection = latent.ChunkSelection(torch.randn(batch, kv_heads, chunks, d, generator=gen), chunk, chunks)
+    body_k = key_coef @ body.key_basis.transpose(-1, -2)
     if pre_rope:
         angles = torch.rand(batch, n_body, d // 2, generator=gen) * 6.3
         cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
-        body.key_angles = (cos, sin)
+        body.key_angles = Rotation(cos, sin)
         body_k = apply_rope(body_k, cos, sin)
-    body_v = body.value_coef @ body.value_basis.transpose(-1, -2)
+    body_v = value_coef @ body.value_basis.transpose(-1, -2)
     if n_exact:
         body.exact_index = torch.stack([torch.randperm(n_body, generator=gen)[:n_exact]
                                         for _ in range(batch * kv_heads)]).view(batch, kv_heads, n_exact)
@@ -120,6 +124,29 @@ def test_latent_attention_equals_sdpa_on_the_rebuilt_tensors(batch, kv_heads, gr
     rep = lambda t: t.repeat_interleave(groups, dim=1)  # noqa: E731
     reference = torch.nn.functional.scaled_dot_product_attention(query, rep(keys), rep(values), attn_mask=mask)
     assert (out - reference.transpose(1, 2)).abs().max() <= 1e-5
+
+
+def test_a_selection_attends_only_to_the_chosen_chunks_and_the_tail():
+    """Keep 1 of 3 chunks: the output equals attention over the dense tokens, the best-scoring chunk and the two
+    tokens after the last complete chunk, with every other body token left out."""
+    gen = torch.Generator().manual_seed(4)
+    b, h, d, r, chunk, n_body = 1, 2, 8, 8, 4, 14
+    query = torch.randn(b, 2 * h, 1, d, generator=gen)
+    dense_k, dense_v = (torch.randn(b, h, 5, d, generator=gen) for _ in range(2))
+    basis = torch.eye(d).expand(b, h, d, r)
+    key_coef, value_coef = (torch.randn(b, h, n_body, r, generator=gen) for _ in range(2))
+    landmarks = key_coef[:, :, :12].unflatten(2, (3, chunk)).mean(3)
+    body = latent.LowRankBody(start=2, key_coef=key_coef, value_coef=value_coef, key_basis=basis, value_basis=basis,
+                              selection=latent.ChunkSelection(landmarks, chunk, 1))
+    out = latent.latent_attention(query, dense_k, dense_v, None, body, d**-0.5)
+    grouped = query.reshape(b, h, 2, d)
+    best = (grouped @ landmarks.transpose(-1, -2)).amax(2).argmax(-1)  # [b, h]
+    for head in range(h):
+        chosen = [*range(best[0, head] * chunk, best[0, head] * chunk + chunk), 12, 13]
+        keys = torch.cat([dense_k[0, head, :2], key_coef[0, head, chosen], dense_k[0, head, 2:]])
+        values = torch.cat([dense_v[0, head, :2], value_coef[0, head, chosen], dense_v[0, head, 2:]])
+        probs = torch.softmax(grouped[0, head] @ keys.T * d**-0.5, dim=-1)
+        assert (out[0, 0, 2 * head : 2 * head + 2] - probs @ values).abs().max() <= 1e-5
 
 
 @pytest.mark.compat

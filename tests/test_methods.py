@@ -172,6 +172,13 @@ def test_a_budget_is_a_cap_met_within_two_hundredths(method, budget):
         assert ratio >= budget - 0.02, ratio
 
 
+@pytest.mark.parametrize("method", ["ojakv", "ojakv-pf"])
+@pytest.mark.parametrize("budget", [0.2, 0.12])  # below a coded body's ceiling on this float32 model
+def test_a_budget_pays_for_the_landmarks_of_selective_decoding(method, budget):
+    ratio = _ratio_after(method, dict(budget=budget, new_tokens=16, select_tokens=64, select_chunk=8))
+    assert budget - 0.02 <= ratio <= budget + 0.02, ratio
+
+
 def test_a_budget_under_the_floor_raises_at_the_prompt_naming_it():
     model = tiny_model("llama", num_layers=2, num_heads=2, num_kv_heads=1, head_dim=64, max_context=4096)
     cache = ojakv.make_cache(model, "pod", budget=0.5)  # nothing is sized until the prompt arrives

@@ -94,13 +94,14 @@ def test_memory_report_equals_the_tensors_held(tiny, policy, key_mode):
     assert report.full_bytes == 2 * g.num_layers * 2 * g.num_kv_heads * cache.get_seq_length() * g.head_dim * 4
 
 
-def test_memory_formula_at_4k_tokens_with_half_rank():
+@pytest.mark.parametrize("select_tokens", [0, 256])
+def test_memory_formula_at_4k_tokens_with_half_rank(select_tokens):
     from tiny import tiny_model
 
     model = tiny_model("llama", num_layers=2, num_heads=2, num_kv_heads=1, head_dim=64, max_context=8192)
     n, batch = 4096, 1
     ids = torch.randint(3, model.config.vocab_size, (batch, n))
-    cache = ojakv.make_cache(model, "ojakv", rank_ratio=0.5, init="prompt")
+    cache = ojakv.make_cache(model, "ojakv", rank_ratio=0.5, init="prompt", select_tokens=select_tokens)
     with torch.no_grad():
         model(input_ids=ids, **kv(cache))
     report = cache.memory()
@@ -110,11 +111,40 @@ def test_memory_formula_at_4k_tokens_with_half_rank():
     body = layers * 2 * batch * heads * (n - 64) * r * s
     bases = oja_state = layers * 2 * batch * heads * d * r * 4
     positions = batch * n * 4
+    # selective decoding: a mean key per 16 body tokens and a float32 sum for the chunk filling up
+    landmarks = layers * batch * heads * ((n - 64) // 16 * d * s + d * 4) if select_tokens else 0
     assert seg["anchors"] + seg["window"] == anchors
     assert seg["body"] == body and seg["growth_slack"] == 0
     assert seg["bases"] == bases and seg["oja_state"] == oja_state and seg["positions"] == positions
-    assert report.held_bytes == anchors + body + bases + oja_state + positions
-    assert report.held_bytes <= 0.5 * report.full_bytes + anchors + bases + oja_state + positions
+    assert seg.get("landmarks", 0) == landmarks
+    assert report.held_bytes == anchors + body + bases + oja_state + positions + landmarks
+    assert report.held_bytes <= 0.5 * report.full_bytes + anchors + bases + oja_state + positions + landmarks
+
+
+@pytest.mark.parametrize("method", ["ojakv", "ojakv-pf", "ojakv+quant", "ojakv-tc"])
+def test_selective_decode_holds_its_landmarks_in_the_report(tiny, method):
+    """One mean key per complete chunk of body tokens (model dtype) and a float32 sum for the chunk filling up, per
+    layer, sequence and KV head; every coefficient store serves the selective path."""
+    ids, mask = padded_batch(tiny.config.vocab_size, (120, 99), seed=3)
+    cache = ojakv.make_cache(tiny, method, init="prompt", select_tokens=8, select_chunk=4, **SMALL)
+    greedy_scores(tiny, ids, mask, cache, steps=12)
+    report = cache.memory()
+    assert report.held_bytes == held_tensor_bytes(cache)
+    g, layer = cache.shared.geometry, cache.layers[0]
+    body = layer.k_coef.length
+    per_head = (body // 4) * g.head_dim * 4 + g.head_dim * 4  # float32 tiny model: means and tail alike
+    assert report.segments["landmarks"] == g.num_layers * 2 * g.num_kv_heads * per_head
+    assert layer.landmarks.tail_count == body % 4
+
+
+def test_selecting_more_tokens_than_the_body_holds_is_the_exact_path(tiny):
+    ids, mask = padded_batch(tiny.config.vocab_size, (90, 77), seed=4)
+    knobs = dict(rank_ratio=0.5, init="prompt", **SMALL)
+    exact = greedy_scores(tiny, ids, mask, ojakv.make_cache(tiny, "ojakv", **knobs), steps=16)
+    selective = greedy_scores(tiny, ids, mask, ojakv.make_cache(tiny, "ojakv", select_tokens=4096, **knobs), steps=16)
+    narrow = greedy_scores(tiny, ids, mask, ojakv.make_cache(tiny, "ojakv", select_tokens=8, **knobs), steps=16)
+    assert (selective - exact).abs().max() <= 1e-5
+    assert (narrow - exact).abs().max() > 1e-3  # a real selection changes what is attended
 
 
 def test_calibration_init_round_trip_and_mismatch_is_refused(tiny, tmp_path):
@@ -150,6 +180,10 @@ def test_calibration_init_round_trip_and_mismatch_is_refused(tiny, tmp_path):
         (dict(key_mode="sideways"), "key_mode must be one of"),
         (dict(n_sink=-1), "n_sink must be"),
         (dict(colour="red"), "has no knob colour"),
+        (dict(select_tokens=-1), "select_tokens must be >= 0"),
+        (dict(select_tokens=64, select_chunk=0), "select_chunk >= 1"),
+        (dict(select_tokens=64, policy="residual"), "cannot keep the residual policy"),
+        (dict(select_tokens=64, attention="reconstruct"), "mode of the latent decode path"),
     ],
 )
 def test_bad_knobs_get_clear_errors(tiny, knobs, message):

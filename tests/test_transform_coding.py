@@ -120,6 +120,20 @@ def test_held_bytes_are_the_codes_gains_scales_and_codebooks():
     assert TransformCodedRows.fixed_bytes(bits) == 5 * 4 + codebooks  # one head's scales, and the codebooks
 
 
+def test_selected_rows_decode_as_the_same_rows_of_the_whole():
+    from ojakv.storage import GrowableTensor, QuantizedRows
+
+    gen = torch.Generator().manual_seed(2)
+    rows = torch.randn(2, 3, 40, 6, generator=gen)
+    index = torch.stack([torch.randperm(40, generator=gen)[:9] for _ in range(6)]).view(2, 3, 9)
+    stores = [GrowableTensor(), QuantizedRows(4), TransformCodedRows([3, 2, 2, 1, 1, 1], rows.std(2))]
+    for store in stores:
+        store.append(rows[:, :, :25])
+        store.append(rows[:, :, 25:])  # grown once: rows come from the live part only
+        whole = store.view
+        assert torch.equal(store.rows(index), whole.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, 6)))
+
+
 def test_re_expression_re_codes_with_one_more_rounding():
     variance = [4.0, 1.0, 0.25]
     rows = _gaussian_rows(variance, n=2000)

@@ -24,6 +24,7 @@ from .errors import OjaKVError
 from .hf import (AttentionInputs, CacheLayerMixin, HookedCache, attach, cache_keyword, cache_kwargs,
                  describe_installed, geometry, rotary_embedding, sliding_windows)
 from .memory import MemoryReport, nbytes
+from .rope import Rotation
 from .storage import GrowableTensor
 
 __all__ = ["AttentionInputs", "CacheLayer", "CompressedCache", "HooksMissed", "LayerPlan", "SharedState",
@@ -112,11 +113,11 @@ class SharedState:
         self.attention_inputs = {}
         self._step_memo = {}
 
-    def span_angles(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin of the stored tokens [start, start + count), computed once per forward call for all layers
-        (every layer asks for the same span when it rebuilds its body)."""
+    def span_rotation(self, start: int, count: int) -> Rotation:
+        """RoPE of the stored tokens [start, start + count), prepared once per forward call for all layers (every
+        layer asks for the same span when it rebuilds its body)."""
         return self.step_memo(("span", start, count),
-                              lambda: self.rope_angles(self.positions.view[:, start : start + count]))
+                              lambda: Rotation(*self.rope_angles(self.positions.view[:, start : start + count])))
 
     def step_memo(self, key, compute):
         """``compute()``, once per forward call and key: what every layer of the step would compute alike."""

@@ -12,6 +12,13 @@ GROWTH = 1.03
 MIN_GROWTH = 16  # tokens
 
 
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` [b, h, k] of ``x`` [b, h, n, ...] along the token axis (2): [b, h, k, ...]."""
+    trailing = x.shape[3:]
+    index = index.view(*index.shape, *(1,) * len(trailing)).expand(*index.shape, *trailing)
+    return x.gather(2, index)
+
+
 def growth_slack(stored: int, appended: int) -> int:
     """Spare token slots a ``GrowableTensor`` ends with when it is filled with ``stored`` tokens at once and then
     given ``appended`` more one at a time: what a byte budget must leave room for."""
@@ -74,6 +81,10 @@ class GrowableTensor:
         grown.narrow(self.dim, 0, self.length).copy_(self.view)
         self._data = grown
 
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Live rows ``index`` [b, h, k] (token axis 2): what a step reads when it attends only to some tokens."""
+        return gather_rows(self.view, index)
+
     def apply_(self, fn) -> None:
         """Replace the live part by ``fn(view)`` (same token count), e.g. to re-express coefficients."""
         if self._data is not None and self.length:
@@ -85,16 +96,34 @@ class GrowableTensor:
 
 
 class CodedRows:
-    """Rows ``[b, h, n, r]`` kept as codes that grow along tokens. A subclass codes rows (``append``), decodes them
-    (``view``, a float32 temporary) and names the tensors that hold them (``buffers``: growable ones, plus any
-    fixed per-head tensor). ``apply_`` decodes, transforms and codes again, so every re-expression adds one
-    rounding."""
+    """Rows ``[b, h, n, r]`` kept as codes that grow along tokens. A subclass codes rows (``append``), decodes the
+    per-token parts of some rows (``decode``, a float32 temporary) and names the tensors that hold them
+    (``buffers``: growable ones, plus any fixed per-head tensor). ``view`` decodes every row, ``rows`` only the
+    ones asked for. ``apply_`` decodes, transforms and codes again, so every re-expression adds one rounding."""
 
     codes: GrowableTensor
 
     @property
     def buffers(self) -> tuple:
         raise NotImplementedError
+
+    def decode(self, *per_token: torch.Tensor) -> torch.Tensor:
+        """Rows from the growable buffers' parts for them (in ``buffers`` order), float32."""
+        raise NotImplementedError
+
+    @property
+    def view(self) -> torch.Tensor | None:
+        if not self.length:
+            return None
+        return self.decode(*(buffer.view for buffer in self._growable))
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Decoded rows ``index`` [b, h, k] only, [b, h, k, r] float32."""
+        return self.decode(*(buffer.rows(index) for buffer in self._growable))
+
+    @property
+    def _growable(self) -> list[GrowableTensor]:
+        return [buffer for buffer in self.buffers if isinstance(buffer, GrowableTensor)]
 
     @property
     def length(self) -> int:
@@ -155,13 +184,10 @@ class QuantizedRows(CodedRows):
     def buffers(self) -> tuple[GrowableTensor, ...]:
         return self.codes, self.scale, self.minimum
 
-    @property
-    def view(self) -> torch.Tensor | None:
-        if not self.length:
-            return None
-        shape = (*self.codes.view.shape[:3], self.padded(self.width))
-        stored = Quantized(self.codes.view, self.scale.view, self.minimum.view, self.bits, -1, self.GROUP, shape)
-        return dequantize(stored, torch.float32)[..., : self.width]
+    def decode(self, codes, scale, minimum) -> torch.Tensor:
+        shape = (*codes.shape[:3], self.padded(self.width))
+        return dequantize(Quantized(codes, scale, minimum, self.bits, -1, self.GROUP, shape), torch.float32)[
+            ..., : self.width]
 
     def append(self, x: torch.Tensor) -> None:
         self.width = x.shape[-1]
@@ -169,3 +195,18 @@ class QuantizedRows(CodedRows):
         stored = quantize(x, self.bits, dim=-1, group=self.GROUP)
         for buffer, part in zip(self.buffers, (stored.codes, stored.scale, stored.minimum)):
             buffer.append(part)
+
+
+class TensorRows:
+    """Rows ``[b, h, n, r]`` already in a plain tensor, behind the stores' reading interface (``view``, ``rows``,
+    ``length``): e.g. a selection's gathered rows, or coefficients a test makes."""
+
+    def __init__(self, rows: torch.Tensor):
+        self.view = rows
+
+    @property
+    def length(self) -> int:
+        return self.view.shape[2]
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        return gather_rows(self.view, index)

@@ -164,12 +164,9 @@ class TransformCodedRows(CodedRows):
     def buffers(self) -> tuple:
         return self.codes, self.gains, self.scale, self.table, self.starts
 
-    @property
-    def view(self) -> torch.Tensor | None:
-        if not self.length:
-            return None
-        shape = self.table[unpack_mixed(self.codes.view, self.bits).long() + self.starts]
-        return shape * self.gains.view.float() * self.scale.unsqueeze(2)
+    def decode(self, codes, gains) -> torch.Tensor:
+        shape = self.table[unpack_mixed(codes, self.bits).long() + self.starts]
+        return shape * gains.float() * self.scale.unsqueeze(2)
 
     def append(self, x: torch.Tensor) -> None:
         codes, gains = encode_rows(x, self.bits, self._centroids, self._columns, self.scale)

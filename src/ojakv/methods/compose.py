@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..cache import SharedState, StepInputs
+from ..rope import Rotation
 from ..storage import GrowableTensor
 from . import Method, Sizing, always, knob, largest_within, register
 from .ojakv import OjaKVConfig, OjaKVLayer, budget_to_rank, build_low_rank, held_bytes_per_head
@@ -68,9 +69,9 @@ class SelectedLowRankLayer(OjaKVLayer):
         self.seen += q
         return key_states, value_states
 
-    def _body_angles(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _body_angles(self, start: int, count: int) -> Rotation:
         positions = self.held_positions.view[:, :, start : start + count]
-        return self.shared.rope_angles(positions)  # per head: nothing to share across layers
+        return Rotation(*self.shared.rope_angles(positions))  # per head: nothing to share across layers
 
     def segments(self) -> dict[str, int]:
         return {**super().segments(), "positions": self.held_positions.nbytes}

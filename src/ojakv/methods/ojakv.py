@@ -33,7 +33,8 @@ from ..cache import AttentionInputs, CacheLayer, SharedState, StepInputs, growab
 from ..errors import OjaKVError
 from ..memory import nbytes
 from ..hf import compute_queries
-from ..rope import apply_rope, undo_rope
+from ..landmarks import ChunkLandmarks
+from ..rope import Rotation
 from ..quantize import SUPPORTED_BITS
 from ..storage import CodedRows, GrowableTensor, QuantizedRows, growth_slack
 from ..subspace import change_of_basis, covariance, eigh_descending, oja_step, rank_for_energy
@@ -78,6 +79,10 @@ class OjaKVConfig:
                                    "the rest; 0.5 = as many bits for a key row as for a value row)")
     fit_new_tokens: int = knob(0, "with fit_bases: tokens still to come, whose body rows share the bases' cost "
                                   "with the prompt's (a budget sets its new_tokens)")
+    select_tokens: int = knob(0, "decode steps attend to about this many body tokens per KV head, the chunks "
+                                 "whose landmarks score highest (0 = every body token, exact; selection is faster "
+                                 "at long contexts and costs accuracy, docs/RESULTS.md)")
+    select_chunk: int = knob(16, "with select_tokens: body tokens per landmark chunk")
 
     def __post_init__(self) -> None:
         if self.rank_ratio is None and self.energy is None and self.rank is None and not self.body_bits:
@@ -114,6 +119,25 @@ class OjaKVConfig:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise OjaKVError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         self._validate_transform_coding(given)
+        self._validate_selection()
+
+    def _validate_selection(self) -> None:
+        if self.select_tokens < 0 or self.select_chunk < 1:
+            raise OjaKVError(f"select_tokens must be >= 0 and select_chunk >= 1, got {self.select_tokens} and "
+                             f"{self.select_chunk}: e.g. --select-tokens 256 --select-chunk 16")
+        if not self.select_tokens:
+            return
+        if self.policy != "positional":
+            raise OjaKVError("select_tokens picks body tokens by chunk and cannot keep the residual policy's exact "
+                             "tokens: use policy='positional', or select_tokens=0")
+        if self.attention != "latent":
+            raise OjaKVError("select_tokens is a mode of the latent decode path: use attention='latent', or "
+                             "select_tokens=0")
+
+    @property
+    def selected_chunks(self) -> int:
+        """Body chunks a selective decode step attends to (besides the one filling up)."""
+        return max(1, self.select_tokens // self.select_chunk)
 
     def _validate_transform_coding(self, rank_knobs: list[str]) -> None:
         if not 0.0 < self.value_share < 1.0:
@@ -208,6 +232,7 @@ class OjaKVLayer(CacheLayer):
         self.update_seconds = 0.0  # time spent in decode-time subspace updates (read by `ojakv bench`)
         # residual policy: exact rows for selected body tokens, their body index and score
         self.k_exact = self.v_exact = self.exact_idx = self.exact_score = None
+        self.landmarks: ChunkLandmarks | None = None  # select_tokens: chunk means of the body's exact keys
 
     def _coefficient_store(self) -> GrowableTensor | CodedRows:
         return QuantizedRows(self.config.coef_bits) if self.config.coef_bits else GrowableTensor()
@@ -224,19 +249,20 @@ class OjaKVLayer(CacheLayer):
         self.seen += q
         return out
 
-    def _key_features(self, keys: torch.Tensor, angles) -> torch.Tensor:
-        """Keys in the space the key basis lives in (float32): pre-RoPE (RoPE undone with ``angles()``, called only
-        then) or as cached."""
+    def _key_features(self, keys: torch.Tensor, rotation) -> torch.Tensor:
+        """Keys in the space the key basis lives in (float32): pre-RoPE (RoPE undone with ``rotation()``, called
+        only then) or as cached."""
         if self.config.key_mode == "post_rope":
             return keys.float()
-        cos, sin = angles()
-        return undo_rope(keys.float(), cos.float(), sin.float())
+        return rotation().undo(keys.float())
 
     def _new_token_angles(self, keys: torch.Tensor, step: StepInputs, attention: AttentionInputs):
-        """A callable giving cos/sin of this call's tokens: the ones the attention layer used, when it passed them."""
+        """A callable giving the rotation of this call's tokens: by the angles the attention layer used, when it
+        passed them (the same for every layer of the call, so prepared once)."""
         if attention.cos.shape[1] == keys.shape[2]:
-            return lambda: (attention.cos, attention.sin)
-        return lambda: self.shared.rope_angles(step.positions)
+            return lambda: self.shared.step_memo(("new_angles", id(attention.cos)),
+                                                 lambda: Rotation(attention.cos.float(), attention.sin.float()))
+        return lambda: Rotation(*self.shared.rope_angles(step.positions))
 
     def _prefill(self, keys, values, step: StepInputs, attention: AttentionInputs):
         n = keys.shape[2]
@@ -259,8 +285,12 @@ class OjaKVLayer(CacheLayer):
             self.stat_v = torch.zeros_like(self.u_v)
         self.k_sink, self.v_sink = keys[:, :, :sink].clone(), values[:, :, :sink].clone()
         self.k_win, self.v_win = keys[:, :, n - window :].clone(), values[:, :, n - window :].clone()
+        if self.config.select_tokens:
+            self.landmarks = ChunkLandmarks(self.config.select_chunk, self.dtype)
         if body:
             span = slice(sink, sink + body)
+            if self.landmarks is not None:
+                self.landmarks.append(keys[:, :, span])
             self.k_coef.append((features_k[:, :, span] @ self.u_k.float()).to(self.dtype))
             self.v_coef.append((features_v[:, :, span] @ self.u_v.float()).to(self.dtype))
             if self.config.policy == "residual":
@@ -310,11 +340,13 @@ class OjaKVLayer(CacheLayer):
 
     def _append(self, keys, values, step: StepInputs, attention: AttentionInputs) -> None:
         """New tokens (decode, or a later prefill chunk): statistics, sink top-up, window, overflow into body."""
-        features_k = self._key_features(keys, self._new_token_angles(keys, step, attention))
-        if self.stat_k is not None:
-            weight = step.valid.unsqueeze(1).unsqueeze(-1).float()
-            self.stat_k += (features_k * weight).transpose(-1, -2) @ (features_k @ self.u_k)
-            features_v = values.float() * weight
+        if self.stat_k is not None:  # (without decode-time updates, no statistics and no pre-RoPE keys needed)
+            features_k = self._key_features(keys, self._new_token_angles(keys, step, attention))
+            features_v = values.float()
+            if not self.shared.step_memo("no_padding", lambda: bool(step.valid.all())):
+                weight = step.valid.unsqueeze(1).unsqueeze(-1).float()
+                features_k, features_v = features_k * weight, features_v * weight
+            self.stat_k += features_k.transpose(-1, -2) @ (features_k @ self.u_k)
             self.stat_v += features_v.transpose(-1, -2) @ (features_v @ self.u_v)
         room = self.sink_target - self.k_sink.shape[2]
         if room > 0:
@@ -339,17 +371,18 @@ class OjaKVLayer(CacheLayer):
         body_start = self.k_coef.length
         self.k_coef.append((features_k @ self.u_k.float()).to(self.dtype))
         self.v_coef.append((values.float() @ self.u_v.float()).to(self.dtype))
+        if self.landmarks is not None:
+            self.landmarks.append(keys)
         if self.config.policy == "residual":
             self._select_exact(keys, values, body_start, attention, None)
         self.k_win, self.v_win = self.k_win[:, :, count:].clone(), self.v_win[:, :, count:].clone()
 
-    def _body_angles(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE angles of the stored tokens [start, start + count) (pre-RoPE keys), shared by all layers of the
-        step."""
+    def _body_angles(self, start: int, count: int) -> Rotation:
+        """RoPE of the stored tokens [start, start + count) (pre-RoPE keys), shared by all layers of the step."""
         stored = self.shared.positions
         if stored is None or stored.length < start + count:
             raise OjaKVError("pre_rope keys need token positions: build the cache with ojakv.make_cache(model, ...)")
-        return self.shared.span_angles(start, count)
+        return self.shared.span_rotation(start, count)
 
     def _oja_update(self) -> None:
         """Light periodic update from the running statistics, then re-express stored coefficients."""
@@ -403,7 +436,7 @@ class OjaKVLayer(CacheLayer):
         """Keys of the stored tokens [start, start + n) (cache order) from their coefficients, RoPE re-applied."""
         keys = coef.float() @ self.u_k.float().transpose(-1, -2)
         if self.config.key_mode == "pre_rope":
-            keys = apply_rope(keys, *self._body_angles(start, coef.shape[2]))
+            keys = self._body_angles(start, coef.shape[2]).apply(keys)
         return keys.to(self.dtype)
 
     def _takes_latent_path(self, attention: AttentionInputs, q: int) -> bool:
@@ -417,10 +450,17 @@ class OjaKVLayer(CacheLayer):
         if self.config.key_mode == "pre_rope":
             angles = self._body_angles(start, body)
         hf.post_body(attention.module, latent_attention.LowRankBody(
-            start=start, key_coef=self.k_coef.view, value_coef=self.v_coef.view, key_basis=self.u_k.float(),
+            start=start, key_coef=self.k_coef, value_coef=self.v_coef, key_basis=self.u_k.float(),
             value_basis=self.u_v.float(), key_angles=angles, exact_index=self.exact_idx, exact_keys=self.k_exact,
-            exact_values=self.v_exact))
+            exact_values=self.v_exact, selection=self._selection()))
         return torch.cat([self.k_sink, self.k_win], dim=2), torch.cat([self.v_sink, self.v_win], dim=2)
+
+    def _selection(self) -> latent_attention.ChunkSelection | None:
+        """Which chunks a selective step reads; None when it would read them all anyway (the exact path)."""
+        landmarks, keep = self.landmarks, self.config.selected_chunks
+        if landmarks is None or landmarks.means.length <= keep:
+            return None
+        return latent_attention.ChunkSelection(landmarks.means.view, landmarks.chunk, keep)
 
     def _materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Full-size K/V of this layer for standard attention; a temporary freed once the layer has attended."""
@@ -441,14 +481,19 @@ class OjaKVLayer(CacheLayer):
 
     # --- accounting -------------------------------------------------------------------------------------------
     def segments(self) -> dict[str, int]:
-        return {
+        landmarks = self.landmarks
+        segments = {
             "anchors": nbytes(self.k_sink, self.v_sink),
             "window": nbytes(self.k_win, self.v_win),
-            **growable_segments(body=(self.k_coef, self.v_coef)),
+            **growable_segments(body=(self.k_coef, self.v_coef),
+                                landmarks=(landmarks.means,) if landmarks is not None else ()),
             "residual_tokens": nbytes(self.k_exact, self.v_exact, self.exact_idx, self.exact_score),
             "bases": nbytes(self.u_k, self.u_v),
             "oja_state": nbytes(self.stat_k, self.stat_v),
         }
+        if landmarks is not None:
+            segments["landmarks"] += nbytes(landmarks.tail)
+        return segments
 
 
 def _residual_scores(queries: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -501,7 +546,21 @@ def held_bytes_per_head(config: OjaKVConfig, geometry, prompt_tokens: int, new_t
     body = 2 * body_slots * config.coefficient_bytes(rank, s, d)
     positions = position_bytes * n_tokens if config.key_mode == "pre_rope" else 0
     subspace = config.subspace_bytes(rank, d)
-    return 2 * anchors * d * s + body + subspace + exact * (2 * d * s + 12) + positions
+    landmarks = landmark_bytes(config, first_body, n_tokens - anchors, d, s)
+    return 2 * anchors * d * s + body + subspace + exact * (2 * d * s + 12) + positions + landmarks
+
+
+def landmark_bytes(config: OjaKVConfig, prompt_body: int, body: int, head_dim: int, dtype_bytes: int) -> int:
+    """Bytes of one head's chunk landmarks once the body holds ``body`` tokens, ``prompt_body`` of them from the
+    prompt: a mean key per complete chunk (with its growth slack) and the float32 sum of the chunk filling up."""
+    if not config.select_tokens or body <= 0:
+        return 0
+    chunk = config.select_chunk
+    first, total = prompt_body // chunk, body // chunk
+    if total and not first:  # the first chunk completes while decoding, and the buffer grows from it
+        first = 1
+    slots = total + (growth_slack(first, total - first) if total else 0)
+    return slots * head_dim * dtype_bytes + 4 * head_dim
 
 
 LOW_RANK_SIZE = ("rank", "rank_ratio", "energy")
