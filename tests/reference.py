@@ -402,17 +402,17 @@ class LowRankReference(Reference):
 
 
 class SelectiveLowRankReference(LowRankReference):
-    """As ``LowRankReference``; in every call after the first with at most ``max_queries`` queries, a KV head sees
+    """As ``LowRankReference``; in every single-token call after the first, a KV head sees
     of the low-rank tokens only the ``keep`` complete chunks of ``chunk`` (counted from the first low-rank token)
     whose mean exact key has the largest q·mean over the head's queries, and the tokens after the last complete
     chunk."""
 
-    def __init__(self, num_layers, bases, n_sink, n_recent, key_mode, chunk, keep, max_queries):
+    def __init__(self, num_layers, bases, n_sink, n_recent, key_mode, chunk, keep):
         super().__init__(num_layers, bases, n_sink, n_recent, key_mode)
-        self.chunk, self.keep, self.max_queries = chunk, keep, max_queries
+        self.chunk, self.keep = chunk, keep
 
     def query_keep_mask(self, layer, query, key):
-        if self.first_call or self.q > self.max_queries:
+        if self.first_call or self.q > 1:
             return None
         b, kv_heads, total, d = key.shape
         start = self.sink_count

@@ -273,11 +273,9 @@ def _selective_knobs(n):
 
 
 def _selective_reference(knobs, cache):
-    from ojakv.attention import MAX_LATENT_QUERIES
-
     keep = max(1, knobs["select_tokens"] // knobs["select_chunk"])
     return ref.SelectiveLowRankReference(LAYERS, _bases(cache), knobs["n_sink"], knobs["n_recent"],
-                                         knobs["key_mode"], knobs["select_chunk"], keep, MAX_LATENT_QUERIES)
+                                         knobs["key_mode"], knobs["select_chunk"], keep)
 
 
 @FUZZ

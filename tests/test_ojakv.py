@@ -147,6 +147,20 @@ def test_selecting_more_tokens_than_the_body_holds_is_the_exact_path(tiny):
     assert (narrow - exact).abs().max() > 1e-3  # a real selection changes what is attended
 
 
+def test_a_call_of_several_positions_attends_exactly_under_selection(tiny):
+    """A question or a turn's chunk (here 6 tokens, on the latent path) reads every body chunk: one choice for all
+    its rows would lose the chunk its last row needs."""
+    ids = torch.randint(3, tiny.config.vocab_size, (1, 120), generator=torch.Generator().manual_seed(5))
+    knobs = dict(rank_ratio=0.5, init="prompt", **{**SMALL, "n_residual": 0}, policy="positional")
+    logits = []
+    for select_tokens in (0, 8):
+        cache = ojakv.make_cache(tiny, "ojakv", select_tokens=select_tokens, select_chunk=4, **knobs)
+        with torch.no_grad():
+            tiny(input_ids=ids[:, :110], **kv(cache))
+            logits.append(tiny(input_ids=ids[:, 110:116], **kv(cache)).logits)
+    assert (logits[1] - logits[0]).abs().max() <= 1e-5
+
+
 def test_calibration_init_round_trip_and_mismatch_is_refused(tiny, tmp_path):
 
     class Tokens:

@@ -4,8 +4,9 @@ The exact decode path of a pre-RoPE low-rank body rebuilds and rotates every bod
 multiply-adds per KV head), which is what makes it slower than the full cache at long contexts. The selective path
 scores the body cheaply first: the body is cut into chunks of ``chunk`` consecutive tokens, and each complete
 chunk keeps one landmark, the mean of its exact post-RoPE keys (taken when the tokens enter the body, before they
-are compressed). A step scores each chunk by its landmark's largest q·landmark over the queries of the KV head's
-group and attends exactly only to the ``keep`` best chunks of each KV head, plus the chunk still filling up.
+are compressed). A single-token step scores each chunk by its landmark's largest q·landmark over the queries of
+the KV head's group and attends exactly only to the ``keep`` best chunks of each KV head, plus the chunk still
+filling up (a call of several positions attends exactly: ``OjaKVLayer._selection`` says why).
 
 What it approximates: the softmax over the body is restricted to the chosen tokens (the others get no weight).
 The chosen tokens themselves are attended exactly as on the exact path (rebuilt, rotated, their values through

@@ -79,9 +79,9 @@ class OjaKVConfig:
                                    "the rest; 0.5 = as many bits for a key row as for a value row)")
     fit_new_tokens: int = knob(0, "with fit_bases: tokens still to come, whose body rows share the bases' cost "
                                   "with the prompt's (a budget sets its new_tokens)")
-    select_tokens: int = knob(0, "decode steps attend to about this many body tokens per KV head, the chunks "
-                                 "whose landmarks score highest (0 = every body token, exact; selection is faster "
-                                 "at long contexts and costs accuracy, docs/RESULTS.md)")
+    select_tokens: int = knob(0, "single-token decode steps attend to about this many body tokens per KV head, "
+                                 "the chunks whose landmarks score highest (0 = every body token, exact; "
+                                 "selection is faster at long contexts and costs accuracy, docs/RESULTS.md)")
     select_chunk: int = knob(16, "with select_tokens: body tokens per landmark chunk")
 
     def __post_init__(self) -> None:
@@ -452,13 +452,15 @@ class OjaKVLayer(CacheLayer):
         hf.post_body(attention.module, latent_attention.LowRankBody(
             start=start, key_coef=self.k_coef, value_coef=self.v_coef, key_basis=self.u_k.float(),
             value_basis=self.u_v.float(), key_angles=angles, exact_index=self.exact_idx, exact_keys=self.k_exact,
-            exact_values=self.v_exact, selection=self._selection()))
+            exact_values=self.v_exact, selection=self._selection(q)))
         return torch.cat([self.k_sink, self.k_win], dim=2), torch.cat([self.v_sink, self.v_win], dim=2)
 
-    def _selection(self) -> latent_attention.ChunkSelection | None:
-        """Which chunks a selective step reads; None when it would read them all anyway (the exact path)."""
+    def _selection(self, q: int) -> latent_attention.ChunkSelection | None:
+        """Which chunks a selective step reads; None for the exact path: when it would read them all anyway, and
+        in a call of several positions (a question, a next turn's chunk), whose rows need different chunks (one
+        choice for all of them loses the one the last row needs) and share the call's cost."""
         landmarks, keep = self.landmarks, self.config.selected_chunks
-        if landmarks is None or landmarks.means.length <= keep:
+        if landmarks is None or q > 1 or landmarks.means.length <= keep:
             return None
         return latent_attention.ChunkSelection(landmarks.means.view, landmarks.chunk, keep)
 
