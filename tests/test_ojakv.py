@@ -151,7 +151,7 @@ def test_a_call_of_several_positions_attends_exactly_under_selection(tiny):
     """A question or a turn's chunk (here 6 tokens, on the latent path) reads every body chunk: one choice for all
     its rows would lose the chunk its last row needs."""
     ids = torch.randint(3, tiny.config.vocab_size, (1, 120), generator=torch.Generator().manual_seed(5))
-    knobs = dict(rank_ratio=0.5, init="prompt", **{**SMALL, "n_residual": 0}, policy="positional")
+    knobs = dict(rank_ratio=0.5, init="prompt", **SMALL)
     logits = []
     for select_tokens in (0, 8):
         cache = ojakv.make_cache(tiny, "ojakv", select_tokens=select_tokens, select_chunk=4, **knobs)
