@@ -29,6 +29,20 @@ def greedy_scores(model, ids, mask, cache, steps: int) -> torch.Tensor:
     return torch.stack(out.logits)
 
 
+class CharacterTokens:
+    """A tokenizer stand-in for calibration: one id per character."""
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=False):
+        return type("Encoded", (), {"input_ids": torch.tensor([[3 + (ord(c) % 100) for c in text]])})()
+
+
+def calibration_file(model, path, text: str = "calibration text for the bases. " * 30):
+    """A calibration file fitted on ``text`` for ``model`` (ojakv.calibrate, small chunks, no progress bar)."""
+    from ojakv.calibration import calibrate
+
+    return calibrate(model, CharacterTokens(), text, chunk_tokens=256, path=path, progress=False)
+
+
 def full_cache(model):
     return DynamicCache(config=model.config)
 

@@ -6,11 +6,10 @@ import pytest
 import torch
 
 import ojakv
-from ojakv.calibration import calibrate
 from ojakv.errors import OjaKVError
 from ojakv.subspace import orthogonality_error
 
-from helpers import feed, full_cache, greedy_scores, held_tensor_bytes, kv, padded_batch
+from helpers import calibration_file, feed, full_cache, greedy_scores, held_tensor_bytes, kv, padded_batch
 
 SMALL = dict(n_sink=4, n_recent=8, n_residual=6, query_window=4)
 
@@ -163,13 +162,8 @@ def test_a_call_of_several_positions_attends_exactly_under_selection(tiny):
 
 def test_calibration_init_round_trip_and_mismatch_is_refused(tiny, tmp_path):
 
-    class Tokens:
-        def __call__(self, text, return_tensors=None, add_special_tokens=False):
-            ids = torch.tensor([[3 + (ord(c) % 100) for c in text]])
-            return type("Encoded", (), {"input_ids": ids})()
 
-    path = calibrate(tiny, Tokens(), "some calibration text, " * 40, chunk_tokens=256, path=tmp_path / "c.safetensors",
-                     progress=False)
+    path = calibration_file(tiny, tmp_path / "c.safetensors", "some calibration text, " * 40)
     cache = ojakv.make_cache(tiny, "ojakv", init="calibration", calibration_file=str(path), **SMALL)
     ids, mask = padded_batch(tiny.config.vocab_size, (64, 64))
     assert torch.isfinite(greedy_scores(tiny, ids, mask, cache, steps=4)).all()
@@ -226,13 +220,8 @@ def test_energy_with_prompt_init_takes_the_rank_from_the_prompt_spectrum(tiny):
 
 @pytest.mark.parametrize("key_mode", ["pre_rope", "post_rope"])
 def test_calibration_initialised_bases_at_full_rank_equal_the_full_cache(tiny, tmp_path, key_mode):
-    class Tokens:
-        def __call__(self, text, return_tensors=None, add_special_tokens=False):
-            ids = torch.tensor([[3 + (ord(c) % 100) for c in text]])
-            return type("Encoded", (), {"input_ids": ids})()
 
-    path = calibrate(tiny, Tokens(), "calibration text for the bases. " * 30, chunk_tokens=256,
-                     path=tmp_path / "c.safetensors", progress=False)
+    path = calibration_file(tiny, tmp_path / "c.safetensors")
     ids, mask = padded_batch(tiny.config.vocab_size, (70, 58), seed=4)
     reference = greedy_scores(tiny, ids, mask, full_cache(tiny), steps=20)
     cache = ojakv.make_cache(tiny, "ojakv", rank_ratio=1.0, init="calibration", calibration_file=str(path), key_mode=key_mode,
@@ -243,9 +232,6 @@ def test_calibration_initialised_bases_at_full_rank_equal_the_full_cache(tiny, t
 def test_interrupted_calibration_leaves_no_file_behind(tiny, tmp_path, monkeypatch):
     import ojakv.calibration as calibration_module
 
-    class Tokens:
-        def __call__(self, text, return_tensors=None, add_special_tokens=False):
-            return type("Encoded", (), {"input_ids": torch.tensor([[3 + (ord(c) % 100) for c in text]])})()
 
     def interrupted(tensors, path, metadata=None):
         with open(path, "wb") as f:
@@ -254,19 +240,14 @@ def test_interrupted_calibration_leaves_no_file_behind(tiny, tmp_path, monkeypat
 
     monkeypatch.setattr(calibration_module, "save_file", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        calibrate(tiny, Tokens(), "text to fit. " * 40, chunk_tokens=256, path=tmp_path / "c.safetensors",
-                  progress=False)
+        calibration_file(tiny, tmp_path / "c.safetensors", "text to fit. " * 40)
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("method", ["eigen", "staticpca-h", "mla-latent"])
 def test_static_bases_at_full_rank_equal_the_full_cache(tiny, tmp_path, method):
-    class Tokens:
-        def __call__(self, text, return_tensors=None, add_special_tokens=False):
-            return type("Encoded", (), {"input_ids": torch.tensor([[3 + (ord(c) % 100) for c in text]])})()
 
-    path = calibrate(tiny, Tokens(), "queries and keys share a subspace. " * 30, chunk_tokens=256,
-                     path=tmp_path / "c.safetensors", progress=False)
+    path = calibration_file(tiny, tmp_path / "c.safetensors", "queries and keys share a subspace. " * 30)
     ids, mask = padded_batch(tiny.config.vocab_size, (70, 58), seed=6)
     reference = greedy_scores(tiny, ids, mask, full_cache(tiny), steps=12)
     knobs = dict(rank_ratio=1.0) if method == "mla-latent" else dict(rank_ratio=1.0, calibration_file=str(path))

@@ -153,7 +153,9 @@ def test_a_coefficient_needs_at_least_one_bit():
 @pytest.mark.parametrize("knobs, message", [
     (dict(body_bits=2, rank=8), "body_bits decides the rank"),
     (dict(body_bits=9), "body_bits must be in"),
-    (dict(body_bits=2, init="weights"), "use init='prompt'"),
+    (dict(body_bits=2, init="weights"), "use init='prompt' or init='calibration'"),
+    (dict(body_bits=2, init="calibration", eta_prefill=0.1), "give eta_prefill=0"),
+    (dict(body_bits=2, init="calibration", eta_prefill=0, key_basis="queries+keys"), "key_basis='keys'"),
     (dict(body_bits=2, coef_bits=4), "not both"),
 ])
 def test_knobs_that_contradict_the_coder_are_refused(tiny, knobs, message):
@@ -234,3 +236,42 @@ def _ratio_after_budget(budget, **knobs):
     from test_methods import _ratio_after
 
     return _ratio_after("ojakv", dict(budget=budget, new_tokens=16, **knobs), prompt=600, new=16)
+
+
+def test_a_calibrated_coder_codes_every_prompt_in_one_fixed_basis_allocation_and_scale(tiny, tmp_path):
+    """``init='calibration'`` with ``body_bits``: the bases, bits and scales come from the calibration spectra
+    alone, so two different prompts get the same per-token layout and code a token the same way (what a paged
+    serving format needs), and the scales are the calibration's per-token standard deviations."""
+    from helpers import calibration_file, greedy_scores, padded_batch
+    from ojakv.calibration import load_calibration
+
+    path = calibration_file(tiny, tmp_path / "c.safetensors")
+    calibration = load_calibration(tiny, path)
+    layers = []
+    for seed in (1, 2):
+        ids, mask = padded_batch(tiny.config.vocab_size, (200,), seed=seed)
+        cache = ojakv.make_cache(tiny, "staticpca", body_bits=3, calibration_file=str(path))
+        greedy_scores(tiny, ids, mask, cache, steps=2)
+        layers.append(cache.layers)
+    for index, (first, second) in enumerate(zip(*layers)):
+        assert first.k_coef.bits == second.k_coef.bits and first.v_coef.bits == second.v_coef.bits
+        assert torch.equal(first.u_k, second.u_k) and torch.equal(first.k_coef.scale, second.k_coef.scale)
+        values, vectors = calibration.layer("k_pre", index)
+        kept = [j for j in range(values.shape[-1]) if j < len(first.k_coef.bits)]  # leading columns, by variance
+        assert torch.allclose(first.u_k[0].float(), vectors[..., kept], atol=1e-3)
+        expected = (values[..., kept] / calibration.rows()).sqrt()
+        floor = expected.amax(-1, keepdim=True) * 1e-3
+        assert torch.allclose(first.k_coef.scale[0], torch.maximum(expected, floor), rtol=1e-5)
+
+
+def test_a_calibrated_coder_with_many_bits_is_close_to_the_full_cache(tiny, tmp_path):
+    from helpers import calibration_file, full_cache, greedy_scores, padded_batch
+
+    path = calibration_file(tiny, tmp_path / "c.safetensors")
+    ids, mask = padded_batch(tiny.config.vocab_size, (150, 120), seed=3)
+    reference = greedy_scores(tiny, ids, mask, full_cache(tiny), steps=3)
+    coarse, fine = (greedy_scores(tiny, ids, mask, ojakv.make_cache(tiny, "staticpca", body_bits=bits,
+                                                                    calibration_file=str(path)), steps=3)
+                    for bits in (1, 6))
+    error = lambda scores: float((scores - reference).norm() / reference.norm())
+    assert error(fine) < 0.05 and error(fine) < error(coarse) / 3

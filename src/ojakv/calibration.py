@@ -49,6 +49,16 @@ class Calibration:
     def layer(self, kind: str, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.eigvals[kind][layer_idx], self.eigvecs[kind][layer_idx]
 
+    def rows(self) -> int:
+        """Tokens the second moments summed over (each chunk's first SKIP_FIRST left out): eigenvalues / rows are
+        per-token variances."""
+        return counted_rows(int(self.metadata["tokens"]), int(self.metadata["chunk_tokens"]))
+
+
+def counted_rows(tokens: int, chunk_tokens: int) -> int:
+    full, last = divmod(tokens, chunk_tokens)
+    return max(1, full * (chunk_tokens - SKIP_FIRST) + max(0, last - SKIP_FIRST))
+
 
 def default_path(model) -> Path:
     return ARTEFACT.default_path(model)

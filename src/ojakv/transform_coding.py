@@ -114,6 +114,14 @@ def fitted_allocation(eigenvalues: torch.Tensor, bytes_per_row: float, rows: int
     return best
 
 
+def coder_for(variances: torch.Tensor, bits: Sequence[int]) -> tuple[list[int], "TransformCodedRows"]:
+    """The coefficients an allocation keeps (``bits`` > 0; the first one if none) and an empty store coding them,
+    whitened by the per-token standard deviations of ``variances`` [..., h, d] (the prompt's, or calibration's)."""
+    columns = [j for j, b in enumerate(bits) if b] or [0]
+    index = torch.tensor(columns, device=variances.device)
+    return columns, TransformCodedRows([max(bits[j], 1) for j in columns], variances.index_select(-1, index).sqrt())
+
+
 def _mean_shares(eigenvalues: torch.Tensor) -> list[float]:
     spectra = eigenvalues.double().flatten(0, -2)
     shares = spectra / spectra.sum(-1, keepdim=True).clamp_min(_TINY)
@@ -168,8 +176,13 @@ class TransformCodedRows(CodedRows):
         shape = self.table[unpack_mixed(codes, self.bits).long() + self.starts]
         return shape * gains.float() * self.scale.unsqueeze(2)
 
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed codes ``[b, h, n, bytes]`` and float16 gains ``[b, h, n, 1]`` of rows ``x`` [b, h, n, r], not
+        stored (a serving format lays them out in its own pages)."""
+        return encode_rows(x, self.bits, self._centroids, self._columns, self.scale)
+
     def append(self, x: torch.Tensor) -> None:
-        codes, gains = encode_rows(x, self.bits, self._centroids, self._columns, self.scale)
+        codes, gains = self.encode(x)
         self.codes.append(codes)
         self.gains.append(gains)
 

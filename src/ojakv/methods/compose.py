@@ -37,8 +37,8 @@ class SelectedLowRankLayer(OjaKVLayer):
 
     uses_shared_positions = False
 
-    def __init__(self, layer_idx: int, shared: SharedState, config, ranks, init_bases=None):
-        super().__init__(layer_idx, shared, config, ranks, init_bases)
+    def __init__(self, layer_idx: int, shared: SharedState, config, ranks, init_bases=None, init_variances=None):
+        super().__init__(layer_idx, shared, config, ranks, init_bases, init_variances)
         self.selector = SnapKVLayer(layer_idx, shared, config)  # used for its select() only; holds nothing
         self.held_positions = GrowableTensor()  # [b, h, n] int32, in cache order
 

@@ -11,6 +11,8 @@ would change attention scores most (|qᵀ(k − k̂)| over recent queries).
 ``ojakv+quant`` stores the body coefficients as packed 4-bit codes (``coef_bits``; storage.QuantizedRows).
 With ``body_bits`` the body is transform coded instead (``ojakv.transform_coding``: bits allocated by variance in
 the prompt's KL basis, the rank where they reach zero); that is what ``ojakv`` given a budget runs (``ojakv_tc``).
+With ``init="calibration"`` (and ``eta_prefill=0``) the calibration's basis, bits and scales serve every prompt
+alike: one fixed layout per token, which the vLLM plugin's pages need (``staticpca:body_bits=...``).
 
 Bases start from the prompt's own PCA (the default: the subspace the paper's "comprehensive" prefill update moves
 towards), or from an offline PCA (``ojakv calibrate``) followed by one Oja step on the prompt, the paper's recipe;
@@ -38,7 +40,7 @@ from ..rope import Rotation
 from ..quantize import SUPPORTED_BITS
 from ..storage import CodedRows, GrowableTensor, QuantizedRows, growth_slack
 from ..subspace import change_of_basis, covariance, eigh_descending, oja_step, rank_for_energy
-from ..transform_coding import GAIN_BYTES, MAX_BITS, TransformCodedRows, fitted_allocation, ordered_allocation
+from ..transform_coding import GAIN_BYTES, MAX_BITS, coder_for, fitted_allocation, ordered_allocation
 from . import Method, Sizing, knob, largest_within, register
 
 KEY_MODES = ("pre_rope", "post_rope")
@@ -70,8 +72,9 @@ class OjaKVConfig:
     attention: str = knob("latent", "decode attention on the stored coefficients (latent) or on rebuilt K/V "
                                     "handed to the model's own kernel (reconstruct)")
     body_bits: float = knob(0.0, "transform-coded body: average bits per body coordinate (over head_dim), "
-                                 "allocated to the prompt's KL coefficients by variance, so the rank follows; "
-                                 "0 = the rank knobs, coefficients in the model's dtype (or coef_bits codes)")
+                                 "allocated to the KL coefficients by variance (the prompt's, or with "
+                                 "init=calibration the calibration's), so the rank follows; 0 = the rank knobs, "
+                                 "coefficients in the model's dtype (or coef_bits codes)")
     fit_bases: bool = knob(False, "with body_bits: those bits also pay for the bases (and their Oja statistics), "
                                   "spread over the body's tokens (what a budget sets: each layer's rank then "
                                   "follows its spectrum)")
@@ -156,8 +159,12 @@ class OjaKVConfig:
         if rank_knobs:
             raise OjaKVError(f"body_bits decides the rank (coefficients given no bits are dropped): drop "
                              f"{' and '.join(rank_knobs)}, or set body_bits=0 to use them")
-        if self.init != "prompt":
-            raise OjaKVError("body_bits allocates bits from the prompt's spectrum: use init='prompt'")
+        if self.init == "weights":
+            raise OjaKVError("body_bits allocates bits from a spectrum of keys and values (the prompt's or the "
+                             "calibration's): use init='prompt' or init='calibration'")
+        if self.init == "calibration" and (self.eta_prefill or self.key_basis != "keys"):
+            raise OjaKVError("body_bits with init='calibration' codes in the calibrated key and value bases as they "
+                             "are, with bits and scales from their spectra: give eta_prefill=0 and key_basis='keys'")
         if self.coef_bits:
             raise OjaKVError("give body_bits (transform coding) or coef_bits (uniform codes), not both")
 
@@ -206,8 +213,8 @@ def ranks_for(config: OjaKVConfig, head_dim: int, eigvals_k=None, eigvals_v=None
     if config.rank_ratio is not None:
         r = max(1, min(head_dim, round(config.rank_ratio * head_dim)))
         return r, r
-    if eigvals_k is None:
-        return None, None  # energy with init="prompt": decided from the prompt's own spectrum at prefill
+    if eigvals_k is None or config.energy is None:
+        return None, None  # energy with init="prompt", or body_bits: decided at prefill from the spectrum
     return rank_for_energy(eigvals_k, config.energy), rank_for_energy(eigvals_v, config.energy)
 
 
@@ -216,11 +223,13 @@ class OjaKVLayer(CacheLayer):
 
     uses_shared_positions = True  # pre-RoPE keys read their positions from the cache-wide store
 
-    def __init__(self, layer_idx: int, shared: SharedState, config: OjaKVConfig, ranks, init_bases=None):
+    def __init__(self, layer_idx: int, shared: SharedState, config: OjaKVConfig, ranks, init_bases=None,
+                 init_variances=None):
         super().__init__(layer_idx, shared)
         self.config = config
         self.rank_k, self.rank_v = ranks
         self.init_bases = init_bases  # (U_k [h, d, d'], U_v [h, d, d']) from calibration, or None
+        self.init_variances = init_variances  # per-token variances along those columns ([h, d'] each), or None
         self.needs_positions = config.key_mode == "pre_rope"
         self.latent = config.attention == "latent"  # read by CompressedCache to route attention through ojakv
         self.k_sink = self.v_sink = self.k_win = self.v_win = None
@@ -236,6 +245,19 @@ class OjaKVLayer(CacheLayer):
 
     def _coefficient_store(self) -> GrowableTensor | CodedRows:
         return QuantizedRows(self.config.coef_bits) if self.config.coef_bits else GrowableTensor()
+
+    def _coding_spectrum(self, features, weight, which: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token variances [b, h, d] (descending) and their directions [b, h, d, d]: the prompt's own, or the
+        calibration's (one fixed basis, allocation and scale for every prompt: a fixed size and layout per token,
+        what a paged serving format needs)."""
+        if self.init_variances is None:
+            cov, count = covariance(features, weight)
+            values, vectors = eigh_descending(cov)
+            return values / count.clamp_min(1.0).unsqueeze(-1), vectors
+        b = features.shape[0]
+        values = self.init_variances[which].to(features.device).float()
+        vectors = self.init_bases[which].to(features.device).float()
+        return values.expand(b, -1, -1), vectors.expand(b, -1, -1, -1)
 
     # --- update ---------------------------------------------------------------------------------------------
     def update(self, key_states, value_states, *args, **kwargs):
@@ -279,7 +301,7 @@ class OjaKVLayer(CacheLayer):
         self.u_k = self._initial_basis(features_k, weight, self.rank_k, 0)
         self.u_v = self._initial_basis(features_v, weight, self.rank_v, 1)
         self.rank_k, self.rank_v = self.u_k.shape[-1], self.u_v.shape[-1]
-        self.init_bases = None  # views of the calibration tensors: drop them so they are not held
+        self.init_bases = self.init_variances = None  # views of the calibration tensors: drop them, not held
         if self.config.eta_decode > 0:  # the statistics only feed decode-time updates: without them, hold none
             self.stat_k = torch.zeros_like(self.u_k)
             self.stat_v = torch.zeros_like(self.u_v)
@@ -315,10 +337,9 @@ class OjaKVLayer(CacheLayer):
         return basis
 
     def _coded_basis(self, features, weight, which: int) -> torch.Tensor:
-        """Transform coding (``ojakv.transform_coding``): the prompt's KL basis, cut where the bit allocation leaves
-        coefficients nothing, and a body store that codes rows with that allocation."""
-        cov, count = covariance(features, weight)
-        values, vectors = eigh_descending(cov)
+        """Transform coding (``ojakv.transform_coding``): the prompt's KL basis (or the calibrated one), cut where
+        the bit allocation leaves coefficients nothing, and a body store that codes rows with that allocation."""
+        values, vectors = self._coding_spectrum(features, weight, which)
         d, n = values.shape[-1], features.shape[2]
         body = n - self.sink_target - min(n - self.sink_target, self.config.n_recent)
         if self.config.fit_bases and body:
@@ -327,10 +348,8 @@ class OjaKVLayer(CacheLayer):
                                      self.config.column_bytes(d))
         else:
             bits = ordered_allocation(values, self.config.total_bits(d, which))
-        columns = [j for j, b in enumerate(bits) if b] or [0]
+        columns, store = coder_for(values, bits)
         index = torch.tensor(columns, device=values.device)
-        per_token = values.index_select(-1, index) / count.clamp_min(1.0).unsqueeze(-1)
-        store = TransformCodedRows([max(bits[j], 1) for j in columns], per_token.sqrt())
         if which == 0:
             self.k_coef = store
         else:
@@ -528,6 +547,9 @@ def build_low_rank(model, config: OjaKVConfig, layer_class: type[OjaKVLayer] = N
         vals_k, vecs_k = calibration.layer(key_name, layer_idx)
         vals_v, vecs_v = calibration.layer("v", layer_idx)
         ranks = ranks_for(config, head_dim, vals_k, vals_v)
+        if config.body_bits:  # the calibrated spectrum sets the bits and scales
+            rows = calibration.rows()
+            return layer_class(layer_idx, shared, config, ranks, (vecs_k, vecs_v), (vals_k / rows, vals_v / rows))
         return layer_class(layer_idx, shared, config, ranks, (vecs_k, vecs_v))
 
     return factory, config.key_mode == "pre_rope" and layer_class.uses_shared_positions
