@@ -10,6 +10,7 @@ pytest.importorskip("vllm.v1")  # "vllm" alone would find this folder as a names
 
 import torch  # noqa: E402
 
+from ojakv.errors import OjaKVError  # noqa: E402
 from ojakv.methods import turboquant as library_turboquant  # noqa: E402
 from ojakv.quantize import quantize, dequantize  # noqa: E402
 from ojakv.rope import apply_rope  # noqa: E402
@@ -41,6 +42,7 @@ def _make(section, layer_idx=0):
     ({"method": "turboquant", "bits": 3}, 2 * (24 + 2)),
     ({"method": "turboquant", "bits": 2}, 2 * (16 + 2)),
     ({"method": "ojakv", "rank": 16}, 2 * 16 * 2),
+    ({"method": "ojakv", "body_bits": 2}, 2 * (16 + 3 + 2)),  # 128 bits of codes, partly filled bytes, gain
 ])
 def test_slot_sizes_are_codes_plus_scales(section, slot):
     assert formats.slot_bytes(formats.resolve(parse(section), D, 2), D, 2) == slot
@@ -57,9 +59,12 @@ def test_a_budget_picks_the_turboquant_width_closest_to_it(budget, bits):
     assert formats.resolve(parse({"method": "turboquant", "budget": budget}), D, 2).bits == bits
 
 
-def test_a_budget_sets_the_low_rank_rank():
-    assert formats.resolve(parse({"method": "ojakv", "budget": 0.25}), D, 2).rank == 16
+def test_an_ojakv_budget_is_served_transform_coded_with_the_most_bits_that_fit():
+    s = formats.resolve(parse({"method": "ojakv", "budget": 0.25}), D, 2)
+    assert s.body_bits == 216 / D and formats.slot_bytes(s, D, 2) == 64  # 27 + 3 + 2 bytes a part: 0.25 of 256
     assert formats.resolve(parse({"method": "ojakv", "rank_ratio": 0.5}), D, 2).rank == 32
+    with pytest.raises(OjaKVError, match="below the smallest transform-coded slot"):
+        formats.resolve(parse({"method": "ojakv", "budget": 0.03}), D, 2)
 
 
 def test_quant_slots_hold_what_quantize_holds():
@@ -174,12 +179,68 @@ def test_low_rank_attention_in_coefficients_equals_attention_on_rebuilt_vectors(
     _check_frame(fmt, slots, q, positions)
 
 
-def _check_frame(fmt, slots, q, positions=None):
+def _check_frame(fmt, slots, q, positions=None, head_dim=D):
     import torch.nn.functional as F
 
     keys, values = fmt.decode(slots, positions)
     expected = F.scaled_dot_product_attention(q, keys[None], values[None], enable_gqa=True)
     k_frame, v_frame = fmt.attention_operands(slots, positions)
     result = F.scaled_dot_product_attention(fmt.map_query(q), k_frame[None], v_frame[None], enable_gqa=True,
-                                            scale=1 / math.sqrt(D))
+                                            scale=1 / math.sqrt(head_dim))
     torch.testing.assert_close(fmt.map_output(result), expected, rtol=1e-4, atol=1e-4)
+
+
+def _library_coded_staticpca(tmp_path, body_bits):
+    """A tiny model's calibration, the library's ``staticpca:body_bits=...`` cache after one prompt, the prompt's
+    keys and values as a full cache holds them, and the format serving the same calibration."""
+    from helpers import calibration_file, full_cache, kv, padded_batch
+    from tiny import tiny_model
+
+    import ojakv
+    from ojakv.calibration import load_calibration
+
+    model = tiny_model("llama", num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, max_context=1024)
+    path = calibration_file(model, tmp_path / "c.safetensors")
+    ids, mask = padded_batch(model.config.vocab_size, (90,), seed=2)
+    coded, full = ojakv.make_cache(model, "staticpca", body_bits=body_bits, calibration_file=str(path)), \
+        full_cache(model)
+    with torch.no_grad():
+        for cache in (coded, full):
+            model(input_ids=ids, attention_mask=mask, **kv(cache))
+    calibration = load_calibration(model, path)
+    spectra = [(calibration.eigvals[kind][0] / calibration.rows(), calibration.eigvecs[kind][0])
+               for kind in ("k_pre", "v")]
+    inv_freq = model.model.rotary_emb.inv_freq.float()
+    s = formats.resolve(parse({"method": "ojakv", "body_bits": body_bits}), 16, 4)
+    fmt = formats.TransformCodedFormat(s, 2, 16, torch.float32, spectra, inv_freq)
+    return coded.layers[0], full.layers[0], fmt
+
+
+@pytest.mark.parametrize("body_bits", [1.5, 3])
+def test_transform_coded_slots_hold_the_librarys_codes(tmp_path, body_bits):
+    """The served format and the library's ``staticpca:body_bits`` (same calibration) keep the same coefficients,
+    widths and scales, code a value to the same bytes, and rebuild the same keys and values."""
+    layer, full, fmt = _library_coded_staticpca(tmp_path, body_bits)
+    for role, (store, basis) in enumerate(((layer.k_coef, layer.u_k), (layer.v_coef, layer.u_v))):
+        assert fmt.coders[role].bits == store.bits
+        torch.testing.assert_close(fmt.coders[role].scale, store.scale[:1])
+        torch.testing.assert_close(fmt.bases[role], basis[0].float())
+    keys, values = full.keys[0].transpose(0, 1), full.values[0].transpose(0, 1)  # [n, heads, d]
+    positions = torch.arange(keys.shape[0])
+    slots = fmt.encode(keys, values, positions)
+    width = formats.mixed_bytes(layer.v_coef.bits)
+    served_value_codes = slots[..., fmt.part : fmt.part + width].transpose(0, 1)
+    assert torch.equal(served_value_codes, layer.v_coef.codes.view[0])
+    rebuilt_keys, rebuilt_values = fmt.decode(slots.transpose(0, 1), positions)
+    library_keys, library_values = layer._materialize()
+    torch.testing.assert_close(rebuilt_values, library_values[0].float(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(rebuilt_keys, library_keys[0].float(), atol=1e-3, rtol=1e-3)
+
+
+def test_transform_coded_attention_in_coefficients_equals_attention_on_rebuilt_vectors(tmp_path):
+    _, full, fmt = _library_coded_staticpca(tmp_path, 2)
+    keys, values = full.keys[0].transpose(0, 1), full.values[0].transpose(0, 1)
+    positions = torch.arange(keys.shape[0])
+    slots = fmt.encode(keys, values, positions).transpose(0, 1)
+    q = torch.randn(1, 4, 3, 16, generator=torch.Generator().manual_seed(9))
+    _check_frame(fmt, slots, q, positions, 16)

@@ -40,7 +40,9 @@ def test_served_settings_parse(section, method):
     ({"method": "ojakv", "init": "prompt"}, "init 'prompt' is not served"),
     ({"method": "ojakv", "eta_decode": 0.05}, "no online Oja update"),
     ({"method": "ojakv", "n_sink": 32}, "anchors"),
-    ({"method": "ojakv", "rank": 8, "budget": 0.25}, "one of rank, rank_ratio or budget"),
+    ({"method": "ojakv", "rank": 8, "budget": 0.25}, "not rank and budget"),
+    ({"method": "ojakv", "body_bits": 2, "rank": 8}, "not rank and body_bits"),
+    ({"method": "ojakv", "body_bits": 9}, "body_bits must be in"),
     ({"method": "ojakv", "key_mode": "sideways"}, "key_mode"),
     ("not json", "not valid JSON"),
 ])

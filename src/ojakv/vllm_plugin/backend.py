@@ -36,7 +36,8 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from . import settings as plugin_settings
-from .formats import Format, LowRankFormat, QuantFormat, TurboQuantFormat, resolve, slot_bytes
+from .formats import (Format, LowRankFormat, QuantFormat, TransformCodedFormat, TurboQuantFormat, resolve,
+                      slot_bytes)
 
 logger = init_logger("vllm.plugins.ojakv")  # under vLLM's logger, so its handlers print it
 
@@ -238,14 +239,20 @@ class OjaKVAttentionImpl(AttentionImpl[OjaKVMetadata]):
                 self.format = TurboQuantFormat(s, self.num_kv_heads, self.head_size, self.dtype, layer_idx,
                                                head_offset=offset, total_heads=total)
             else:
-                from .calibration import layer_bases, rope_inverse_frequencies
+                from .calibration import layer_bases, layer_spectra, rope_inverse_frequencies
 
-                key_basis, value_basis = layer_bases(s, self.vllm_config.model_config, layer_idx)
-                inv_freq = rope_inverse_frequencies(self.vllm_config.model_config, self.head_size) \
-                    if s.key_mode == "pre_rope" else None
-                self.format = LowRankFormat(s, self.num_kv_heads, self.head_size, self.dtype,
-                                            key_basis[offset : offset + self.num_kv_heads],
-                                            value_basis[offset : offset + self.num_kv_heads], inv_freq)
+                model_config = self.vllm_config.model_config
+                inv_freq = rope_inverse_frequencies(model_config, self.head_size) if s.key_mode == "pre_rope" \
+                    else None
+                if s.body_bits is not None:
+                    self.format = TransformCodedFormat(s, self.num_kv_heads, self.head_size, self.dtype,
+                                                       layer_spectra(s, model_config, layer_idx), inv_freq,
+                                                       head_offset=offset)
+                else:
+                    key_basis, value_basis = layer_bases(s, model_config, layer_idx)
+                    self.format = LowRankFormat(s, self.num_kv_heads, self.head_size, self.dtype,
+                                                key_basis[offset : offset + self.num_kv_heads],
+                                                value_basis[offset : offset + self.num_kv_heads], inv_freq)
             logger.info_once("ojakv backend: %s, %d bytes per token and KV head", s.describe(), self.format.slot)
         return self.format
 

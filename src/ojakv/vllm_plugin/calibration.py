@@ -33,7 +33,7 @@ def _read(path: str):
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys() if key.endswith(".eigvecs")}
+            tensors = {key: f.get_tensor(key) for key in f.keys() if key.endswith((".eigvecs", ".eigvals"))}
     except Exception as error:  # safetensors raises several types for a file that is not one
         raise refuse(f"{path} is not a readable calibration file ({error})") from None
     return metadata, tensors
@@ -67,7 +67,7 @@ def check_available(settings: Settings, model_config) -> tuple[dict, dict]:
                      f"{_how_to_make(model_config)}")
     kind = "k_pre" if settings.key_mode == "pre_rope" else "k_post"
     for needed in (kind, "v"):
-        if f"{needed}.eigvecs" not in tensors:
+        if f"{needed}.eigvecs" not in tensors or f"{needed}.eigvals" not in tensors:
             raise refuse(f"{path} has no {needed} spectrum: {_how_to_make(model_config)}")
     if settings.key_mode == "pre_rope":
         rope_inverse_frequencies(model_config, model_config.get_head_size())  # refuses RoPE it cannot undo
@@ -82,6 +82,18 @@ def layer_bases(settings: Settings, model_config, layer_idx: int) -> tuple[torch
     key = tensors[f"{kind}.eigvecs"][layer_idx, :, :, :r].float()
     value = tensors["v.eigvecs"][layer_idx, :, :, :r].float()
     return key, value
+
+
+def layer_spectra(settings: Settings, model_config, layer_idx: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """For keys and values of one layer: per-token variances [all KV heads, d] (descending) and their directions
+    [all KV heads, d, d], float32, as the library's calibrated transform coder reads them."""
+    from ..calibration import counted_rows
+
+    metadata, tensors = check_available(settings, model_config)
+    rows = counted_rows(int(metadata["tokens"]), int(metadata["chunk_tokens"]))
+    kind = "k_pre" if settings.key_mode == "pre_rope" else "k_post"
+    return [(tensors[f"{name}.eigvals"][layer_idx].float() / rows, tensors[f"{name}.eigvecs"][layer_idx].float())
+            for name in (kind, "v")]
 
 
 def rope_inverse_frequencies(model_config, head_dim: int) -> torch.Tensor:

@@ -5,9 +5,10 @@ Pure PyTorch (no vLLM), so every format is tested on its own. A format packs key
 at most one byte of padding so the slot is a whole number of the pool's elements) and rebuilds float32 keys and
 values [heads, tokens, head_dim] from slots [heads, tokens, slot_bytes].
 
-The codes are ojakv's own: ``quantize.quantize`` / ``dequantize`` for ``quant`` and the TurboQuant rotations and
+The codes are ojakv's own: ``quantize.quantize`` / ``dequantize`` for ``quant``, the TurboQuant rotations and
 Lloyd-Max codebook of ``methods/turboquant.py`` (same seeds per layer and role, so the served codes are the
-library's ``turboquant`` with ``residual=0``), and ojakv's RoPE helpers for low-rank keys before RoPE.
+library's ``turboquant`` with ``residual=0``), the transform coder of ``ojakv.transform_coding`` in the calibrated
+bases (the library's ``staticpca:body_bits=...``), and ojakv's RoPE helpers for low-rank keys before RoPE.
 """
 
 from __future__ import annotations
@@ -17,12 +18,16 @@ import math
 
 import torch
 
-from ..quantize import Quantized, dequantize, pack_bits, quantize, unpack_bits
+from ..quantize import Quantized, dequantize, mixed_bytes, pack_bits, quantize, unpack_bits
+from ..transform_coding import GAIN_BYTES, coder_for, ordered_allocation
 from ..rope import apply_rope, undo_rope
 from .settings import QUANT_BITS, TURBOQUANT_BITS, Settings, refuse
 
 _FLOAT16_MAX = torch.finfo(torch.float16).max
 _TINY = 1e-30
+# A transform-coded row packs each binary digit of its widths (4, 2, 1; 8 fills whole bytes) separately, so it
+# takes at most this many bytes more than its bits: the slot is sized before the calibration's allocation is read.
+PARTIAL_BYTES = 3
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -38,7 +43,14 @@ def part_bytes(settings: Settings, head_dim: int, dtype_bytes: int) -> int:
         return head_dim * settings.bits // 8 + 4 * (head_dim // settings.group)  # codes + float16 scale, minimum
     if settings.method == "turboquant":
         return math.ceil(head_dim * settings.bits / 8) + 2  # codes + float16 norm
+    if settings.body_bits is not None:  # transform coded: codes + float16 gain
+        return math.ceil(coded_bits(settings, head_dim) / 8) + PARTIAL_BYTES + GAIN_BYTES
     return settings.rank * dtype_bytes  # coefficients in the model's dtype
+
+
+def coded_bits(settings: Settings, head_dim: int) -> int:
+    """Bits of one transform-coded key (or value): the library's ``total_bits`` at ``value_share`` 0.5."""
+    return round(settings.body_bits * head_dim)
 
 
 def slot_bytes(settings: Settings, head_dim: int, dtype_bytes: int) -> int:
@@ -47,7 +59,8 @@ def slot_bytes(settings: Settings, head_dim: int, dtype_bytes: int) -> int:
 
 
 def resolve(settings: Settings, head_dim: int, dtype_bytes: int) -> Settings:
-    """The settings with a budget (or rank ratio) turned into bits or a rank, checked against the head size."""
+    """The settings with a budget (or rank ratio) turned into bits or a rank, checked against the head size. An
+    ``ojakv`` budget is served transform coded (a rank-sized fixed basis loses pass keys, docs/RESULTS.md)."""
     from dataclasses import replace
 
     dense = 2 * head_dim * dtype_bytes
@@ -65,9 +78,19 @@ def resolve(settings: Settings, head_dim: int, dtype_bytes: int) -> Settings:
         elif settings.bits not in choices:
             raise refuse(f"quant group {settings.group} at {settings.bits} bits does not fill whole bytes")
         return settings
-    if settings.rank is None:
-        ratio = settings.rank_ratio if settings.rank_ratio is not None else settings.budget
-        settings = replace(settings, rank=max(1, round(ratio * head_dim)))  # slot / dense = rank / head_dim
+    if settings.budget is not None:  # a budget: the most bits whose transform-coded slot fits it
+        fits = [bits for bits in range(1, 8 * head_dim + 1)
+                if slot_bytes(replace(settings, body_bits=bits / head_dim), head_dim, dtype_bytes) / dense
+                <= settings.budget]
+        if not fits:
+            smallest = slot_bytes(replace(settings, body_bits=1 / head_dim), head_dim, dtype_bytes) / dense
+            raise refuse(f"budget {settings.budget} is below the smallest transform-coded slot ({smallest:.3f} of "
+                         f"the full cache, 1 bit per key and value)")
+        return replace(settings, body_bits=max(fits) / head_dim)
+    if settings.body_bits is not None:
+        return settings
+    if settings.rank is None:  # slot / dense = rank / head_dim
+        settings = replace(settings, rank=max(1, round(settings.rank_ratio * head_dim)))
     if settings.rank > head_dim:
         raise refuse(f"ojakv rank {settings.rank} exceeds head_dim {head_dim}")
     return settings
@@ -260,30 +283,65 @@ class LowRankFormat(Format):
             cos, sin = self._angles(positions)
             x = undo_rope(x.float()[None], cos, sin)[0]
         coefficients = (x.float() @ self.bases[role]).to(self.dtype)
-        return coefficients.contiguous().view(torch.uint8).transpose(0, 1)
+        return self.store(coefficients, role).transpose(0, 1)
 
     def decode_part(self, data, role, positions):
-        x = self.coefficients(data) @ self.bases[role].transpose(-1, -2)
+        x = self.coefficients(data, role) @ self.bases[role].transpose(-1, -2)
         if role == 0 and self.pre_rope:
             cos, sin = self._angles(positions)
             x = apply_rope(x[None], cos, sin)[0]
         return x
 
-    def coefficients(self, data: torch.Tensor) -> torch.Tensor:
+    def store(self, coefficients: torch.Tensor, role: int) -> torch.Tensor:
+        """Coefficients [heads, n, r] (model dtype) → their bytes [heads, n, part]."""
+        return coefficients.contiguous().view(torch.uint8)
+
+    def coefficients(self, data: torch.Tensor, role: int) -> torch.Tensor:
+        """Bytes [heads, n, part] → float32 coefficients [heads, n, r]."""
         return data.contiguous().view(self.dtype).float()
 
     def attention_operands(self, slots, positions=None):
         """Values as coefficients (Σ p v = (Σ p c_v) U_vᵀ); keys too after RoPE (qᵀk = (U_kᵀq)ᵀc_k); keys before
         RoPE are rebuilt and rotated to their positions."""
         keys = self.decode_part(slots[..., : self.part], 0, positions) if self.pre_rope \
-            else self.coefficients(slots[..., : self.part])
-        return keys, self.coefficients(slots[..., self.part : 2 * self.part])
+            else self.coefficients(slots[..., : self.part], 0)
+        return keys, self.coefficients(slots[..., self.part : 2 * self.part], 1)
 
     def map_query(self, q):
         return q.float() if self.pre_rope else _per_kv_head(q.float(), self.bases[0])
 
     def map_output(self, o):
         return _per_kv_head(o, self.bases[1].transpose(-1, -2))
+
+
+class TransformCodedFormat(LowRankFormat):
+    """``LowRankFormat`` in the calibrated KL bases with the coefficients transform coded
+    (``ojakv.transform_coding``): per layer, ``coded_bits`` bits per key and per value allocated by the calibration's
+    variances over all KV heads (one layout for every head and request), each row whitened by the calibration's
+    standard deviations and stored as packed Lloyd–Max codes and a float16 gain, then padded to the slot. The
+    bases are the calibration's columns in float16, as the library holds a coded body's fixed bases, so a token
+    codes to the same bytes as in the library's ``staticpca:body_bits=...``."""
+
+    def __init__(self, settings, num_kv_heads, head_dim, dtype, spectra, inv_freq, head_offset: int = 0):
+        bases, self.coders = [], []
+        heads = slice(head_offset, head_offset + num_kv_heads)
+        for variances, vectors in spectra:  # keys, values: [all heads, d], [all heads, d, d]
+            bits = ordered_allocation(variances, coded_bits(settings, head_dim))
+            columns, coder = coder_for(variances[heads][None], bits)
+            bases.append(vectors[heads][..., columns].half().float())
+            self.coders.append(coder)
+        super().__init__(settings, num_kv_heads, head_dim, dtype, *bases, inv_freq)
+
+    def store(self, coefficients, role):
+        codes, gains = self.coders[role].encode(coefficients[None])
+        data = torch.cat([codes[0], gains[0].view(torch.uint8)], dim=-1)
+        return torch.nn.functional.pad(data, (0, self.part - data.shape[-1]))
+
+    def coefficients(self, data, role):
+        coder = self.coders[role]
+        width = mixed_bytes(coder.bits)
+        gains = data[..., width : width + GAIN_BYTES].contiguous().view(torch.float16)
+        return coder.decode(data[None, ..., :width], gains[None])[0]
 
 
 def _derive_seed(*numbers: int) -> int:

@@ -128,8 +128,8 @@ def library_equivalent(settings: dict | None, head_dim: int) -> tuple[str, dict]
         return "turboquant", {"bits": resolved.bits, "rotation_seed": resolved.rotation_seed, "residual": 0,
                               "key_variant": "mse"}
     if resolved.method == "ojakv":
-        return "staticpca", {"rank": resolved.rank, "key_mode": resolved.key_mode,
-                             "calibration_file": resolved.calibration_file}
+        size = {"body_bits": resolved.body_bits} if resolved.body_bits is not None else {"rank": resolved.rank}
+        return "staticpca", {**size, "key_mode": resolved.key_mode, "calibration_file": resolved.calibration_file}
     return None  # quant: per-token keys have no library method (the library's kivi quantizes keys per channel)
 
 

@@ -11,8 +11,12 @@ Only formats with a fixed number of bytes per token and KV head fit vLLM's paged
   per scale, which an incrementally written page cannot provide).
 - ``turboquant``: ojakv's TurboQuant MSE codes, ``bits`` 2 / 3 / 4, the same rotations (``rotation_seed``) and
   Lloyd-Max codebook as the library, every token quantized (``residual=0``).
-- ``ojakv``: coefficients in a fixed low-rank basis per layer and KV head, shared by every request, from ojakv's
-  offline calibration (the library's ``staticpca``: no online Oja update, no full-precision anchors).
+- ``ojakv``: coefficients in a fixed basis per layer and KV head, shared by every request, from ojakv's offline
+  calibration (the library's ``staticpca``: no online Oja update, no full-precision anchors). With ``body_bits``
+  (or a budget) they are transform coded: ``body_bits`` × head_dim bits per key and per value, allocated by the
+  calibration spectrum's variances (the coefficients left with none are dropped), Lloyd–Max codes of the
+  whitened row plus a float16 gain (the library's ``staticpca:body_bits=...``). With ``rank`` or ``rank_ratio``
+  the top ``rank`` coefficients are stored in the model's dtype.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ BACKEND = "CUSTOM"  # the attention backend a run selects to use it
 QUANT_BITS = (2, 4, 8)
 TURBOQUANT_BITS = (2, 3, 4)
 KEY_MODES = ("pre_rope", "post_rope")
+MAX_BODY_BITS = 8  # ojakv.transform_coding.MAX_BITS (this module imports no torch)
 
 # Library methods that cannot be served, and why (the refusal says it).
 _NOT_SERVED = {
@@ -62,6 +67,7 @@ class Settings:
     rotation_seed: int = 0  # turboquant
     rank: int | None = None  # ojakv (keys and values alike)
     rank_ratio: float | None = None  # ojakv, resolved to rank with the head size
+    body_bits: float | None = None  # ojakv transform coded: average bits per coordinate of a key (and a value)
     budget: float | None = None  # as asked; resolved to bits / rank
     key_mode: str = "pre_rope"  # ojakv
     calibration_file: str | None = None  # ojakv: a calibration file from `ojakv calibrate --out`
@@ -72,6 +78,8 @@ class Settings:
             return f"quant {self.bits}-bit, group {self.group}"
         if self.method == "turboquant":
             return f"turboquant {self.bits}-bit (mse, rotation_seed {self.rotation_seed})"
+        if self.body_bits is not None:
+            return f"ojakv transform coded, {self.body_bits:g} bits per coordinate ({self.key_mode})"
         return f"ojakv rank {self.rank} ({self.key_mode})"
 
     def to_json(self) -> str:
@@ -81,7 +89,7 @@ class Settings:
 def served() -> str:
     """One line naming what the plugin serves."""
     return ("served methods: quant (bits 2/4/8, group; or budget), turboquant (bits 2/3/4, rotation_seed; or "
-            "budget), ojakv (rank, rank_ratio or budget; key_mode pre_rope/post_rope; calibration_file)")
+            "budget), ojakv (body_bits, budget, rank or rank_ratio; key_mode pre_rope/post_rope; calibration_file)")
 
 
 def refuse(message: str) -> OjaKVError:
@@ -117,7 +125,7 @@ def _budget(value: Any) -> float:
 _KNOBS = {
     "quant": {"bits", "group", "budget"},
     "turboquant": {"bits", "rotation_seed", "budget", "key_variant", "residual"},
-    "ojakv": {"rank", "rank_ratio", "budget", "key_mode", "init", "calibration_file", "eta_prefill", "eta_decode",
+    "ojakv": {"rank", "rank_ratio", "body_bits", "budget", "key_mode", "init", "calibration_file", "eta_prefill", "eta_decode",
               "n_sink", "n_recent", "policy"},
 }
 
@@ -202,11 +210,16 @@ def _parse_ojakv(knobs: dict, budget: float | None) -> Settings:
                          f"another size (give {name}=0 or leave it out)")
     if knobs.get("policy", "positional") != "positional":
         raise refuse("ojakv policy 'residual' is not served (its exact tokens are chosen per request)")
-    sizes = [name for name in ("rank", "rank_ratio") if name in knobs] + (["budget"] if budget is not None else [])
+    sizes = [name for name in ("rank", "rank_ratio", "body_bits") if name in knobs] + \
+        (["budget"] if budget is not None else [])
     if len(sizes) > 1:
-        raise refuse(f"give one of rank, rank_ratio or budget, not {' and '.join(sizes)}")
-    rank = ratio = None
-    if "rank" in knobs:
+        raise refuse(f"give one of body_bits, budget, rank or rank_ratio, not {' and '.join(sizes)}")
+    rank = ratio = body_bits = None
+    if "body_bits" in knobs:
+        body_bits = _number("body_bits", knobs["body_bits"], float)
+        if not 0.0 < body_bits <= MAX_BODY_BITS:
+            raise refuse(f"body_bits must be in (0, {MAX_BODY_BITS}] bits per coordinate, got {body_bits}")
+    elif "rank" in knobs:
         rank = _number("rank", knobs["rank"], int)
         if rank < 1:
             raise refuse(f"rank must be >= 1, got {rank}")
@@ -222,7 +235,7 @@ def _parse_ojakv(knobs: dict, budget: float | None) -> Settings:
     calibration = knobs.get("calibration_file")
     if calibration is not None and not isinstance(calibration, str):
         raise refuse(f"calibration_file must be a file path, got {calibration!r}")
-    return Settings("ojakv", rank=rank, rank_ratio=ratio, budget=budget, key_mode=key_mode,
+    return Settings("ojakv", rank=rank, rank_ratio=ratio, body_bits=body_bits, budget=budget, key_mode=key_mode,
                     calibration_file=calibration)
 
 
