@@ -161,8 +161,6 @@ def test_a_call_of_several_positions_attends_exactly_under_selection(tiny):
 
 
 def test_calibration_init_round_trip_and_mismatch_is_refused(tiny, tmp_path):
-
-
     path = calibration_file(tiny, tmp_path / "c.safetensors", "some calibration text, " * 40)
     cache = ojakv.make_cache(tiny, "ojakv", init="calibration", calibration_file=str(path), **SMALL)
     ids, mask = padded_batch(tiny.config.vocab_size, (64, 64))
@@ -220,7 +218,6 @@ def test_energy_with_prompt_init_takes_the_rank_from_the_prompt_spectrum(tiny):
 
 @pytest.mark.parametrize("key_mode", ["pre_rope", "post_rope"])
 def test_calibration_initialised_bases_at_full_rank_equal_the_full_cache(tiny, tmp_path, key_mode):
-
     path = calibration_file(tiny, tmp_path / "c.safetensors")
     ids, mask = padded_batch(tiny.config.vocab_size, (70, 58), seed=4)
     reference = greedy_scores(tiny, ids, mask, full_cache(tiny), steps=20)
@@ -231,7 +228,6 @@ def test_calibration_initialised_bases_at_full_rank_equal_the_full_cache(tiny, t
 
 def test_interrupted_calibration_leaves_no_file_behind(tiny, tmp_path, monkeypatch):
     import ojakv.calibration as calibration_module
-
 
     def interrupted(tensors, path, metadata=None):
         with open(path, "wb") as f:
@@ -246,7 +242,6 @@ def test_interrupted_calibration_leaves_no_file_behind(tiny, tmp_path, monkeypat
 
 @pytest.mark.parametrize("method", ["eigen", "staticpca-h", "mla-latent"])
 def test_static_bases_at_full_rank_equal_the_full_cache(tiny, tmp_path, method):
-
     path = calibration_file(tiny, tmp_path / "c.safetensors", "queries and keys share a subspace. " * 30)
     ids, mask = padded_batch(tiny.config.vocab_size, (70, 58), seed=6)
     reference = greedy_scores(tiny, ids, mask, full_cache(tiny), steps=12)

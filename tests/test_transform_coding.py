@@ -257,7 +257,7 @@ def test_a_calibrated_coder_codes_every_prompt_in_one_fixed_basis_allocation_and
         assert first.k_coef.bits == second.k_coef.bits and first.v_coef.bits == second.v_coef.bits
         assert torch.equal(first.u_k, second.u_k) and torch.equal(first.k_coef.scale, second.k_coef.scale)
         values, vectors = calibration.layer("k_pre", index)
-        kept = [j for j in range(values.shape[-1]) if j < len(first.k_coef.bits)]  # leading columns, by variance
+        kept = list(range(len(first.k_coef.bits)))  # the leading columns: bits go by variance
         assert torch.allclose(first.u_k[0].float(), vectors[..., kept], atol=1e-3)
         expected = (values[..., kept] / calibration.rows()).sqrt()
         floor = expected.amax(-1, keepdim=True) * 1e-3

@@ -114,12 +114,13 @@ def fitted_allocation(eigenvalues: torch.Tensor, bytes_per_row: float, rows: int
     return best
 
 
-def coder_for(variances: torch.Tensor, bits: Sequence[int]) -> tuple[list[int], "TransformCodedRows"]:
-    """The coefficients an allocation keeps (``bits`` > 0; the first one if none) and an empty store coding them,
-    whitened by the per-token standard deviations of ``variances`` [..., h, d] (the prompt's, or calibration's)."""
+def coder_for(variances: torch.Tensor, bits: Sequence[int]) -> tuple[torch.Tensor, "TransformCodedRows"]:
+    """The indices of the coefficients an allocation keeps (``bits`` > 0; the first one if none) and an empty
+    store coding them, whitened by the per-token standard deviations of ``variances`` [..., h, d] (the prompt's,
+    or the calibration's)."""
     columns = [j for j, b in enumerate(bits) if b] or [0]
     index = torch.tensor(columns, device=variances.device)
-    return columns, TransformCodedRows([max(bits[j], 1) for j in columns], variances.index_select(-1, index).sqrt())
+    return index, TransformCodedRows([max(bits[j], 1) for j in columns], variances.index_select(-1, index).sqrt())
 
 
 def _mean_shares(eigenvalues: torch.Tensor) -> list[float]:

@@ -59,6 +59,13 @@ def test_a_budget_picks_the_turboquant_width_closest_to_it(budget, bits):
     assert formats.resolve(parse({"method": "turboquant", "budget": budget}), D, 2).bits == bits
 
 
+def test_the_settings_body_bits_limit_is_the_coders():
+    from ojakv.transform_coding import MAX_BITS
+    from ojakv.vllm_plugin.settings import MAX_BODY_BITS
+
+    assert MAX_BODY_BITS == MAX_BITS
+
+
 def test_an_ojakv_budget_is_served_transform_coded_with_the_most_bits_that_fit():
     s = formats.resolve(parse({"method": "ojakv", "budget": 0.25}), D, 2)
     assert s.body_bits == 216 / D and formats.slot_bytes(s, D, 2) == 64  # 27 + 3 + 2 bytes a part: 0.25 of 256

@@ -348,8 +348,7 @@ class OjaKVLayer(CacheLayer):
                                      self.config.column_bytes(d))
         else:
             bits = ordered_allocation(values, self.config.total_bits(d, which))
-        columns, store = coder_for(values, bits)
-        index = torch.tensor(columns, device=values.device)
+        index, store = coder_for(values, bits)
         if which == 0:
             self.k_coef = store
         else:

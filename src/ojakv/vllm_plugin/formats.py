@@ -327,8 +327,8 @@ class TransformCodedFormat(LowRankFormat):
         heads = slice(head_offset, head_offset + num_kv_heads)
         for variances, vectors in spectra:  # keys, values: [all heads, d], [all heads, d, d]
             bits = ordered_allocation(variances, coded_bits(settings, head_dim))
-            columns, coder = coder_for(variances[heads][None], bits)
-            bases.append(vectors[heads][..., columns].half().float())
+            index, coder = coder_for(variances[heads][None], bits)
+            bases.append(vectors[heads].index_select(-1, index).half().float())
             self.coders.append(coder)
         super().__init__(settings, num_kv_heads, head_dim, dtype, *bases, inv_freq)
 

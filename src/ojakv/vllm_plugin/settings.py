@@ -125,8 +125,8 @@ def _budget(value: Any) -> float:
 _KNOBS = {
     "quant": {"bits", "group", "budget"},
     "turboquant": {"bits", "rotation_seed", "budget", "key_variant", "residual"},
-    "ojakv": {"rank", "rank_ratio", "body_bits", "budget", "key_mode", "init", "calibration_file", "eta_prefill", "eta_decode",
-              "n_sink", "n_recent", "policy"},
+    "ojakv": {"rank", "rank_ratio", "body_bits", "budget", "key_mode", "init", "calibration_file", "eta_prefill",
+              "eta_decode", "n_sink", "n_recent", "policy"},
 }
 
 
