@@ -29,6 +29,9 @@ HF_PROMPT = 2  # the library's HF path is slow on two cores: compare with it on 
 LOW_RANK_PROMPTS = (2,)  # pre-RoPE low rank rebuilds and rotates every key each step: the short prompt only
 FORMATS = {  # served format → bytes per token and KV head
     "turboquant:bits=4": 68,  # 32 bytes of 4-bit codes + a float16 norm, keys and values
+    "turboquant:bits=3": 52,  # 3-bit codes split across bytes (2 + 1 bit planes): 24 bytes + the norm
+    # the prompt attends to its own slots too: the 4-bit codes still find every pass key
+    "turboquant:bits=4+prefill_attention=compressed": 68,
     "quant:bits=4": 80,  # 32 bytes of 4-bit codes + 2 x (float16 scale + minimum), keys and values
     "ojakv:budget=0.25": 64,  # transform coded, 3.375 bits a coordinate: 27 bytes of codes + 3 + a float16 gain
     "ojakv:rank=16": 64,  # 16 bfloat16 coefficients, keys and values
@@ -91,12 +94,12 @@ def test_compressed_pool_holds_more_tokens_and_answers_as_the_default(spec, runs
     assert served["found"] == [default["found"][i] for i in served["prompts"]], served["texts"]
 
 
-@pytest.mark.parametrize("spec", ["turboquant:bits=4", "ojakv:budget=0.25"])
+@pytest.mark.parametrize("spec", ["turboquant:bits=4", "turboquant:bits=3", "ojakv:budget=0.25"])
 def test_served_format_answers_as_the_librarys_hf_path(spec, runs, model_folder, prompts):
-    """turboquant: the library's codes (``residual=0``, MSE keys, same rotations); ojakv: the library's staticpca
-    (same calibration file, rank and key mode). On the same prompt the library's HF path gives the same tokens
-    up to rounding (vLLM's fused kernels; attention in float32 in the format's frame against bfloat16 SDPA on
-    rebuilt vectors): the first new tokens, the pass key's for turboquant, agree."""
+    """turboquant: the library's codes (``residual=0``, MSE keys, same rotations, the prompt attending in full);
+    ojakv: the library's staticpca (same calibration file, bits, key mode and prefill). On the same prompt the
+    library's HF path gives the same tokens up to rounding (vLLM's fused kernels; attention in float32 against
+    bfloat16 SDPA): the first new tokens, the pass key's for turboquant, agree."""
     tokenizer, texts, keys = prompts
     served = runs(spec)
     method, knobs = measure.library_equivalent(served["settings"], 64)

@@ -44,6 +44,7 @@ def test_served_settings_parse(section, method):
     ({"method": "ojakv", "body_bits": 2, "rank": 8}, "not rank and body_bits"),
     ({"method": "ojakv", "body_bits": 9}, "body_bits must be in"),
     ({"method": "ojakv", "key_mode": "sideways"}, "key_mode"),
+    ({"method": "quant", "prefill_attention": "partial"}, "prefill_attention must be one of full, compressed"),
     ("not json", "not valid JSON"),
 ])
 def test_refusals_are_one_line_naming_what_is_served(section, words):
@@ -53,6 +54,25 @@ def test_refusals_are_one_line_naming_what_is_served(section, words):
     assert "\n" not in message
     assert words in message
     assert "served methods: quant" in message and "turboquant" in message and "ojakv (" in message
+
+
+@pytest.mark.parametrize("method", ["quant", "turboquant", "ojakv"])
+def test_every_format_prefills_in_full_unless_asked_to_attend_to_its_slots(method):
+    assert parse({"method": method}).prefill_attention == "full"
+    compressed = parse({"method": method, "prefill_attention": "compressed"})
+    assert compressed.prefill_attention == "compressed" and "prefill on compressed K/V" in compressed.describe()
+    assert "prefill" not in parse({"method": method}).describe()
+
+
+def test_library_twins_prefill_as_served():
+    from ojakv.vllm_plugin.measure import library_equivalent
+
+    assert library_equivalent({"method": "turboquant", "bits": 3}, 64)[0] == "turboquant"
+    # the library's turboquant always prefills in full: a compressed prefill has no twin there
+    assert library_equivalent({"method": "turboquant", "prefill_attention": "compressed"}, 64) is None
+    for prefill in ("full", "compressed"):
+        method, knobs = library_equivalent({"method": "ojakv", "budget": 0.25, "prefill_attention": prefill}, 64)
+        assert method == "staticpca" and knobs["prefill_attention"] == prefill
 
 
 def test_additional_config_without_the_section_is_not_ours():

@@ -6,9 +6,11 @@
   (``slot_mapping``).
 - ``forward`` reads each request's keys and values from its pages (block table, ``seq_lens``) and attends with
   PyTorch's SDPA, causally, in float32, in the format's own frame where it has one (``Format.attention_operands``:
-  TurboQuant's rotated coordinates, low-rank coefficients; the query is mapped in and the output back). Prefill,
-  chunked prefill, prefix-cache hits and decode all read the pages, so every token is attended exactly as it is
-  stored, as the library's reconstruct path does.
+  TurboQuant's rotated coordinates, low-rank coefficients; the query is mapped in and the output back). Decode
+  steps, earlier chunks of a chunked prefill and prefix-cache hits are read from the pages, so those tokens are
+  attended exactly as they are stored, as the library's reconstruct path does. A prompt chunk attends to its own
+  keys and values as computed (``prefill_attention="full"``, the default, as the library's quantizers and
+  budgeted ``ojakv``), or to their slots too (``"compressed"``).
 
 Plain PyTorch, correctness first: one SDPA call per request that has a prompt chunk, one batched call for all
 single-token decodes.
@@ -297,22 +299,44 @@ class OjaKVAttentionImpl(AttentionImpl[OjaKVMetadata]):
         for i in range(len(seq_lens)):
             q_len = qsl[i + 1] - qsl[i]
             if q_len > 1:
-                self._prefill(query, out, pages, fmt, attn_metadata, i)
+                self._prefill(query, key, value, out, pages, fmt, attn_metadata, i)
         return output
+
+    def _slots(self, pages: torch.Tensor, block_row: torch.Tensor, length: int) -> torch.Tensor:
+        """One request's first ``length`` slots [kv_heads, length, slot] from its pages."""
+        block_size = pages.shape[2]
+        blocks = block_row[: -(-length // block_size)].to(torch.long)
+        return pages[blocks].permute(1, 0, 2, 3).reshape(pages.shape[1], -1, pages.shape[3])[:, :length]
 
     def _gather(self, pages: torch.Tensor, fmt: Format, block_row: torch.Tensor, length: int):
         """One request's keys and values [kv_heads, length, ·] float32, in the format's attention frame."""
-        block_size = pages.shape[2]
-        blocks = block_row[: -(-length // block_size)].to(torch.long)
-        slots = pages[blocks].permute(1, 0, 2, 3).reshape(pages.shape[1], -1, pages.shape[3])[:, :length]
         positions = torch.arange(length) if fmt.needs_positions else None
-        return fmt.attention_operands(slots, positions)
+        return fmt.attention_operands(self._slots(pages, block_row, length), positions)
 
-    def _prefill(self, query, out, pages, fmt, meta: OjaKVMetadata, i: int) -> None:
+    def _prefill_operands(self, key, value, pages, fmt, block_row, length: int, start, end):
+        """Keys and values [kv_heads, length, d] float32 in channel space for a prefill chunk that attends in full:
+        the chunk's own as computed, earlier tokens rebuilt from their slots."""
+        q_len = end - start
+        shape = (q_len, self.num_kv_heads, self.head_size)
+        k = key[start:end].reshape(shape).transpose(0, 1).float()
+        v = value[start:end].reshape(shape).transpose(0, 1).float()
+        earlier = length - q_len
+        if earlier:
+            positions = torch.arange(earlier) if fmt.needs_positions else None
+            k_old, v_old = fmt.decode(self._slots(pages, block_row, earlier), positions)
+            k, v = torch.cat([k_old, k], dim=1), torch.cat([v_old, v], dim=1)
+        return k, v
+
+    def _prefill(self, query, key, value, out, pages, fmt, meta: OjaKVMetadata, i: int) -> None:
         start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
         length, q_len = meta.seq_lens[i], end - start
-        k, v = self._gather(pages, fmt, meta.block_table[i], length)
-        q = fmt.map_query(query[start:end].transpose(0, 1).float())  # [heads, q_len, ·]
+        q = query[start:end].transpose(0, 1).float()  # [heads, q_len, d]
+        in_full = self.resolved.prefill_attention == "full" and key is not None
+        if in_full:  # channel space: the chunk's exact keys have no coordinates in a low-rank frame
+            k, v = self._prefill_operands(key, value, pages, fmt, meta.block_table[i], length, start, end)
+        else:
+            k, v = self._gather(pages, fmt, meta.block_table[i], length)
+            q = fmt.map_query(q)
         if q_len == length:
             mask, causal = None, True
         else:  # a later chunk, or a prefix-cache hit: query j sits at position length - q_len + j
@@ -322,7 +346,7 @@ class OjaKVAttentionImpl(AttentionImpl[OjaKVMetadata]):
         # kernel, several times slower on long prompts
         result = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, is_causal=causal,
                                                 scale=self.scale, enable_gqa=self.groups > 1)[0]
-        out[start:end] = fmt.map_output(result).transpose(0, 1).to(out.dtype)
+        out[start:end] = (result if in_full else fmt.map_output(result)).transpose(0, 1).to(out.dtype)
 
     def _decode(self, query, out, pages, fmt, meta: OjaKVMetadata, requests: list[int]) -> None:
         """All single-token queries in one SDPA call, shorter contexts masked."""

@@ -124,12 +124,13 @@ def library_equivalent(settings: dict | None, head_dim: int) -> tuple[str, dict]
     from .settings import parse
 
     resolved = resolve(parse(settings), head_dim, 2)
-    if resolved.method == "turboquant":
+    if resolved.method == "turboquant" and resolved.prefill_attention == "full":  # the library's only prefill
         return "turboquant", {"bits": resolved.bits, "rotation_seed": resolved.rotation_seed, "residual": 0,
                               "key_variant": "mse"}
     if resolved.method == "ojakv":
         size = {"body_bits": resolved.body_bits} if resolved.body_bits is not None else {"rank": resolved.rank}
-        return "staticpca", {**size, "key_mode": resolved.key_mode, "calibration_file": resolved.calibration_file}
+        return "staticpca", {**size, "key_mode": resolved.key_mode, "calibration_file": resolved.calibration_file,
+                             "prefill_attention": resolved.prefill_attention}
     return None  # quant: per-token keys have no library method (the library's kivi quantizes keys per channel)
 
 

@@ -17,13 +17,18 @@ Only formats with a fixed number of bytes per token and KV head fit vLLM's paged
   calibration spectrum's variances (the coefficients left with none are dropped), Lloyd–Max codes of the
   whitened row plus a float16 gain (the library's ``staticpca:body_bits=...``). With ``rank`` or ``rank_ratio``
   the top ``rank`` coefficients are stored in the model's dtype.
+
+Every format takes ``prefill_attention``: ``"full"`` (the default) lets a prompt's tokens attend to their own keys
+and values as the model computed them, as the library's quantizers and budgeted ``ojakv`` prefill do; only tokens
+of earlier steps (an earlier chunk of a chunked prefill, a prefix-cache hit, decoding) are read from the pages.
+``"compressed"`` reads everything from the pages.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from ..errors import OjaKVError
@@ -34,6 +39,7 @@ BACKEND = "CUSTOM"  # the attention backend a run selects to use it
 QUANT_BITS = (2, 4, 8)
 TURBOQUANT_BITS = (2, 3, 4)
 KEY_MODES = ("pre_rope", "post_rope")
+PREFILL_ATTENTION = ("full", "compressed")
 MAX_BODY_BITS = 8  # ojakv.transform_coding.MAX_BITS (this module imports no torch)
 
 # Library methods that cannot be served, and why (the refusal says it).
@@ -41,7 +47,8 @@ _NOT_SERVED = {
     "full": "it is vLLM's default backend: drop attention_backend='CUSTOM'",
     "kivi": "its per-channel keys and full-precision recent window need per-request state outside fixed-size "
             "slots; method 'quant' quantizes keys and values per token",
-    "ojakv-pf": "prefill on full K/V needs the full K/V beside the slots",
+    "ojakv-pf": "method 'ojakv' serves its full-precision prefill (prefill_attention='full', the default); the "
+                "online basis and the anchors are not served",
     "ojakv+quant": "quantized coefficients are not implemented yet",
     "staticpca": "it is what method 'ojakv' serves (a fixed calibrated basis)",
     "staticpca-h": "its full-precision anchors need per-request slots of another size",
@@ -71,9 +78,16 @@ class Settings:
     budget: float | None = None  # as asked; resolved to bits / rank
     key_mode: str = "pre_rope"  # ojakv
     calibration_file: str | None = None  # ojakv: a calibration file from `ojakv calibrate --out`
+    # "full": a prompt chunk attends to its own keys and values as computed (earlier pages as stored), as the
+    # library's quantizers and budgeted ojakv prefill; "compressed": to everything as stored in the pages
+    prefill_attention: str = "full"
     extra: dict = field(default_factory=dict)
 
     def describe(self) -> str:
+        prefill = "" if self.prefill_attention == "full" else ", prefill on compressed K/V"
+        return self._describe_format() + prefill
+
+    def _describe_format(self) -> str:
         if self.method == "quant":
             return f"quant {self.bits}-bit, group {self.group}"
         if self.method == "turboquant":
@@ -89,7 +103,8 @@ class Settings:
 def served() -> str:
     """One line naming what the plugin serves."""
     return ("served methods: quant (bits 2/4/8, group; or budget), turboquant (bits 2/3/4, rotation_seed; or "
-            "budget), ojakv (body_bits, budget, rank or rank_ratio; key_mode pre_rope/post_rope; calibration_file)")
+            "budget), ojakv (body_bits, budget, rank or rank_ratio; key_mode pre_rope/post_rope; calibration_file); "
+            "any of them: prefill_attention full/compressed")
 
 
 def refuse(message: str) -> OjaKVError:
@@ -122,6 +137,7 @@ def _budget(value: Any) -> float:
     return value
 
 
+_COMMON_KNOBS = {"prefill_attention"}
 _KNOBS = {
     "quant": {"bits", "group", "budget"},
     "turboquant": {"bits", "rotation_seed", "budget", "key_variant", "residual"},
@@ -150,15 +166,15 @@ def parse(section: Any) -> Settings:
         raise refuse(f"method {method!r} cannot be served in vLLM's paged pool ({_NOT_SERVED[method]})")
     if method not in _KNOBS:
         raise refuse(f"unknown method {method!r}")
-    unknown = sorted(set(knobs) - _KNOBS[method])
+    unknown = sorted(set(knobs) - _KNOBS[method] - _COMMON_KNOBS)
     if unknown:
         raise refuse(f"method {method!r} has no knob {', '.join(map(repr, unknown))} here")
     budget = _budget(knobs.pop("budget")) if "budget" in knobs else None
-    if method == "quant":
-        return _parse_quant(knobs, budget)
-    if method == "turboquant":
-        return _parse_turboquant(knobs, budget)
-    return _parse_ojakv(knobs, budget)
+    prefill = knobs.pop("prefill_attention", "full")
+    if prefill not in PREFILL_ATTENTION:
+        raise refuse(f"prefill_attention must be one of {', '.join(PREFILL_ATTENTION)}, got {prefill!r}")
+    parser = {"quant": _parse_quant, "turboquant": _parse_turboquant, "ojakv": _parse_ojakv}[method]
+    return replace(parser(knobs, budget), prefill_attention=prefill)
 
 
 def _bits(knobs: dict, budget: float | None, method: str, allowed: tuple[int, ...]) -> int | None:
