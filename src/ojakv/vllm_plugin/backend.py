@@ -331,7 +331,10 @@ class OjaKVAttentionImpl(AttentionImpl[OjaKVMetadata]):
         start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
         length, q_len = meta.seq_lens[i], end - start
         q = query[start:end].transpose(0, 1).float()  # [heads, q_len, d]
-        in_full = self.resolved.prefill_attention == "full" and key is not None
+        in_full = self.resolved.prefill_attention == "full"
+        if in_full and key is None:  # vLLM passes none for layers that reuse another layer's cache (refused)
+            raise NotImplementedError("ojakv's backend got no keys for a prefill chunk, which "
+                                      "prefill_attention='full' attends to; use prefill_attention='compressed'")
         if in_full:  # channel space: the chunk's exact keys have no coordinates in a low-rank frame
             k, v = self._prefill_operands(key, value, pages, fmt, meta.block_table[i], length, start, end)
         else:
