@@ -144,7 +144,7 @@ def _body_scores(grouped: torch.Tensor, body: LowRankBody) -> torch.Tensor:
 def _rebuilt_keys(coef: torch.Tensor, body: LowRankBody, start: int, end: int) -> torch.Tensor:
     """Post-RoPE keys of body tokens [start, end) from their coefficients ``coef``."""
     rotation = body.key_angles if (start, end) == (0, body.length) else body.key_angles.narrow(start, end)
-    return rotation.apply(coef.float() @ body.key_basis.transpose(-1, -2))
+    return rotation.apply_(coef.float() @ body.key_basis.transpose(-1, -2))
 
 
 def _body_values(probs: torch.Tensor, body: LowRankBody) -> torch.Tensor:

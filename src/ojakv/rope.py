@@ -6,7 +6,9 @@ Phi-3 variants) the trailing dims pass through.
 
 A ``Rotation`` holds one set of angles prepared for many tensors (every layer of a decode step rotates the same
 tokens): the half-split rotation x·cos + rotate_half(x)·sin is computed as x·cos + roll(x)·sin', with the sign of
-rotate_half folded into sin' once, so each use is a roll, two products and a sum.
+rotate_half folded into sin' once, so each use is a roll, two products and a sum. ``apply_`` does the products
+and the sum in place, for tensors made only to be rotated (rebuilt keys): at long contexts a decode step's
+rotations are memory-bound, and every full-size result they allocate costs as much as the arithmetic.
 """
 
 from __future__ import annotations
@@ -33,6 +35,14 @@ class Rotation:
         """Rotate ``x`` [b, h, n, d]."""
         return _rotate(x, self.cos, self.sin)
 
+    def apply_(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x`` [b, h, n, d] (float, not shared with anything else) in place; returns it."""
+        cos, sin = _angles_like(self.cos, self.sin, x)
+        rotated = x[..., : cos.shape[-1]]
+        rolled = rotated.roll(cos.shape[-1] // 2, -1)
+        rotated.mul_(cos).addcmul_(rolled, sin)
+        return x
+
     def undo(self, x: torch.Tensor) -> torch.Tensor:
         """Rotate ``x`` [b, h, n, d] back: recovers pre-RoPE keys from the post-RoPE keys the attention caches."""
         if self._inverse is None:
@@ -51,9 +61,12 @@ class Rotation:
         return Rotation(gather_rows(per_head(self.cos), index), gather_rows(per_head(self.sin), index), folded=True)
 
 
+def _angles_like(cos: torch.Tensor, sin: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return (cos, sin) if cos.dtype == x.dtype else (cos.to(x.dtype), sin.to(x.dtype))
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    if cos.dtype != x.dtype:
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    cos, sin = _angles_like(cos, sin, x)
     rotary_dim = cos.shape[-1]
     if rotary_dim == x.shape[-1]:
         return x * cos + x.roll(rotary_dim // 2, -1) * sin

@@ -454,7 +454,7 @@ class OjaKVLayer(CacheLayer):
         """Keys of the stored tokens [start, start + n) (cache order) from their coefficients, RoPE re-applied."""
         keys = coef.float() @ self.u_k.float().transpose(-1, -2)
         if self.config.key_mode == "pre_rope":
-            keys = self._body_angles(start, coef.shape[2]).apply(keys)
+            keys = self._body_angles(start, coef.shape[2]).apply_(keys)
         return keys.to(self.dtype)
 
     def _takes_latent_path(self, attention: AttentionInputs, q: int) -> bool:
