@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
+import torch
 
 from ojakv.errors import OjaKVError
 from ojakv.evaluation import MethodSpec, make_sample, run_sweep, string_match_all, summarise
@@ -205,6 +207,18 @@ def test_bench_reports_medians_and_ratios_to_full(model, tokenizer):
     for key in ("prefill_s", "decode_ms_per_token", "held_bytes", "peak_bytes"):
         assert key in compressed and compressed[key] >= 0
     assert "decode_ms_per_token_vs_full" in bench_table(records)
+
+
+def test_cpu_peak_memory_sees_what_a_block_allocates_even_after_an_earlier_block_freed_as_much():
+    from ojakv.evaluation.bench import PeakMemory
+
+    size = 64 * 2**20
+    for _ in range(2):  # the second block runs where the first one's memory was freed
+        with PeakMemory(torch.device("cpu")) as peak:
+            block = torch.ones(size // 4)  # float32, every page written
+            time.sleep(0.05)  # a few samples of the resident set
+            del block
+        assert peak.peak >= 0.9 * size
 
 
 def test_needle_grid_draws_a_heatmap(model, tokenizer, tmp_path):

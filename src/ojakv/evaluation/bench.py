@@ -3,11 +3,16 @@
 For each context length, repeats interleave the methods (so drift in machine load hits them alike). Each run
 times the prefill and ``decode_tokens`` greedy decode steps, reads the cache's held bytes, and tracks peak
 memory: max allocated on CUDA; on CPU the process's resident set, sampled by a thread every millisecond, above
-what it was before the run. Reported figures are medians over repeats, with ratios to the full cache.
+what it was before the run. Before each CPU run, memory freed by earlier runs is handed back to the system
+(``malloc_trim`` where the C library has it): otherwise a run could reuse pages an earlier one left resident and
+look smaller than it is, or find them gone and look larger. Reported figures are medians over repeats, with ratios to the full cache.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import os
 import threading
 import time
@@ -21,6 +26,14 @@ from ..data import essay_text
 from .runner import MethodSpec
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _release_freed_memory() -> None:
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):  # glibc; elsewhere the base is what it is
+        libc.malloc_trim(0)
 
 
 def _rss() -> int:
@@ -41,6 +54,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
         else:
+            _release_freed_memory()
             self.base = _rss()
             self._stop = threading.Event()
             self._top = self.base
