@@ -191,6 +191,51 @@ def test_a_budget_makes_ojakv_code_its_body_and_pay_for_its_float16_bases(tiny):
     assert cache.memory().ratio <= 0.3 + 0.02
 
 
+SMOLLM2 = dict(num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, max_context=8192, model_type="llama")
+
+
+@pytest.mark.parametrize("prompt,budget,anchors", [
+    (1024, 0.15, 4), (2048, 0.15, 4), (8192, 0.15, 32),  # 32 + 32 would leave 1.19, 1.59 and 1.92 bits
+    (1024, 0.25, 32), (1024, 0.5, 32)])
+def test_a_budget_lowers_ojakv_s_anchors_only_when_they_would_starve_the_body(prompt, budget, anchors):
+    from ojakv.hf.architecture import ModelGeometry
+    from ojakv.methods.ojakv_tc import MIN_BODY_BITS, ojakv_budget
+
+    geometry = ModelGeometry(**SMOLLM2)
+    sizing = ojakv_budget({}, geometry, prompt, 64, 2, budget)
+    assert (sizing.knobs["n_sink"], sizing.knobs["n_recent"]) == (anchors, anchors)
+    assert sizing.predicted <= budget
+    defaults = ojakv_budget({"n_sink": 32, "n_recent": 32}, geometry, prompt, 64, 2, budget)
+    if anchors == 32:
+        assert sizing.knobs["body_bits"] == defaults.knobs["body_bits"] >= MIN_BODY_BITS
+    else:
+        assert defaults.knobs["body_bits"] < MIN_BODY_BITS < sizing.knobs["body_bits"]
+
+
+def test_anchors_the_user_gives_stay_under_a_budget():
+    from ojakv.hf.architecture import ModelGeometry
+    from ojakv.methods.ojakv_tc import ojakv_budget
+
+    sizing = ojakv_budget({"n_sink": 16}, ModelGeometry(**SMOLLM2), 1024, 64, 2, 0.15)
+    assert "n_sink" not in sizing.knobs and "n_recent" not in sizing.knobs  # n_recent keeps its default
+
+
+def test_a_cache_given_a_small_budget_holds_the_fewer_anchors_it_chose():
+    from tiny import tiny_model
+
+    from ojakv.hf import cache_kwargs
+
+    # float32 model: 0.07 of its cache is about 0.14 of a 16-bit one, where 32 + 32 anchors starve a 1K body
+    model = tiny_model("llama", num_layers=2, num_heads=2, num_kv_heads=1, head_dim=64, max_context=4096)
+    ids = torch.randint(3, model.config.vocab_size, (1, 1024))
+    with ojakv.make_cache(model, "ojakv", budget=0.07, new_tokens=8) as cache, torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
+                       do_sample=False, pad_token_id=0, **cache_kwargs(model, cache))
+    for layer in cache.layers:
+        assert (layer.config.n_sink, layer.config.n_recent) == (4, 4) and layer.k_win.shape[2] == 4
+    assert 0.05 <= cache.memory().ratio <= 0.07 + 0.02
+
+
 def test_a_budget_with_coef_bits_keeps_ojakv_at_a_rank(tiny):
     from helpers import greedy_scores, padded_batch
 

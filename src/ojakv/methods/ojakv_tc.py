@@ -14,7 +14,8 @@ scales, which loses retrieval (docs/RESULTS.md, context shift): that setting is 
 Given a budget, ``ojakv`` (unless told ``coef_bits``) and ``ojakv-tc`` choose ``body_bits`` with ``fit_bases``:
 the budget's bytes per body token pay for the codes and for the bases, spread over every body row the cache will
 hold (the prompt's and the ``new_tokens`` to come), and each layer keeps the most bits (and so the rank) its own
-spectrum lets it afford. Knobs the user gives stay as given.
+spectrum lets it afford. ``ojakv`` also lowers its anchors (sinks and recent window) when they would leave the
+body too few bits (``ANCHOR_LADDER``). Knobs the user gives stay as given.
 """
 
 from __future__ import annotations
@@ -67,11 +68,32 @@ def transform_coded_budget(config_class: type, defaults: dict):
 
 _RANK_AT_UNIFORM_CODES = budget_to_rank(OjaKVConfig)
 _CODED_BODY = transform_coded_budget(OjaKVConfig, BUDGET_DEFAULTS)
+# Sinks and recent window (each this many tokens) ``ojakv`` tries for a budget: its defaults, then the fewest
+# measured, and the body bits per coordinate it keeps the defaults for. Below about 1.8 bits the coded body loses
+# the pass key (docs/RESULTS.md, "Fewer anchors at 0.15"; 4 + 4 there found every pass key, and no fewer essay
+# needles than 8 + 8 or 16 + 16), so at small budgets on short prompts the anchors give their bytes back to the body; where
+# the budget leaves the body enough, the defaults stay.
+ANCHOR_LADDER = (32, 4)
+MIN_BODY_BITS = 1.9
+
+
+def anchored_coded_budget(knobs, *args) -> Sizing:
+    """The coded body's sizing with the first anchors of ``ANCHOR_LADDER`` that leave it ``MIN_BODY_BITS`` (the
+    last if none does); anchors the user gives stay as given."""
+    if "n_sink" in knobs or "n_recent" in knobs:
+        return _CODED_BODY(knobs, *args)
+    for n in ANCHOR_LADDER:
+        anchors = {"n_sink": n, "n_recent": n}
+        sizing = _CODED_BODY({**knobs, **anchors}, *args)
+        if sizing.knobs["body_bits"] >= MIN_BODY_BITS:
+            break
+    return Sizing({**sizing.knobs, **anchors}, sizing.predicted, sizing.floor,
+                  f"1 bit per token, plus {n} + {n} full-precision anchors and window")
 
 
 def ojakv_budget(knobs, *args) -> Sizing:
     """``ojakv`` for a budget: a transform-coded body, or the rank at uniform codes when ``coef_bits`` is given."""
-    return (_RANK_AT_UNIFORM_CODES if knobs.get("coef_bits") else _CODED_BODY)(knobs, *args)
+    return (_RANK_AT_UNIFORM_CODES if knobs.get("coef_bits") else anchored_coded_budget)(knobs, *args)
 
 
 register(Method(name="ojakv-tc", summary="OjaKV with a transform-coded body: bits allocated by variance in the KL basis",
