@@ -299,3 +299,25 @@ def test_a_cache_carries_a_three_turn_conversation_like_dynamic_cache(tiny, meth
     reference = _conversation(tiny, full_cache(tiny), turns)
     with ojakv.make_cache(tiny, method, **NO_COMPRESSION[method]) as cache:
         assert (_conversation(tiny, cache, turns) - reference).abs().max() <= 1e-4
+
+
+def _hybrid_ratio_after(method, budget, prompt=200, new=8):
+    # Gemma 3 layout: sliding-window layers (kept in full by every method) between the global ones.
+    model = tiny_model("gemma3_text", num_layers=4, num_heads=2, num_kv_heads=1, head_dim=64, sliding_window=64,
+                       max_context=1024, dtype=torch.bfloat16)  # a 16-bit cache: 0.5 is within a coded body's reach
+    ids = torch.randint(3, model.config.vocab_size, (1, prompt))
+    with ojakv.make_cache(model, method, budget=budget, new_tokens=new) as cache, torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                       do_sample=False, pad_token_id=0, **cache_kwargs(model, cache))
+    return cache.memory().ratio
+
+
+@pytest.mark.parametrize("method", ["ojakv", "snapkv", "streaming-llm", "h2o"])
+def test_a_budget_on_a_hybrid_model_counts_the_sliding_layers_it_cannot_compress(method):
+    # The two sliding layers hold 63 of 208 tokens each, 0.23 of the full cache: the global layers get the rest.
+    assert 0.5 - 0.02 <= _hybrid_ratio_after(method, 0.5) <= 0.5 + 0.02
+
+
+def test_a_budget_below_the_sliding_layers_share_is_refused_naming_it():
+    with pytest.raises(UnreachableBudget, match=r"sliding-window layers, never compressed, alone hold 0\.23"):
+        _hybrid_ratio_after("snapkv", 0.2)

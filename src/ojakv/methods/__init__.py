@@ -108,19 +108,45 @@ def check_budget(name: str, budget: float, knobs: dict) -> Method:
 
 def knobs_for_budget(name: str, knobs: dict, model, prompt_tokens: int, new_tokens: int, budget: float) -> dict:
     """``knobs`` plus the method's size knobs for a held-bytes budget, once ``prompt_tokens`` and ``new_tokens``
-    are cached. Raises ``UnreachableBudget`` (naming the floor) when the method cannot hold as little."""
+    are cached. Raises ``UnreachableBudget`` (naming the floor) when the method cannot hold as little.
+
+    The budget is of the whole cache. On hybrid models the sliding-window layers, which no method compresses,
+    hold their share of it in full, so the method's layers are sized to what that share leaves."""
     import torch
 
     from ..hf import geometry
 
     method = check_budget(name, budget, knobs)
     element = torch.empty(0, dtype=next(model.parameters()).dtype).element_size()
-    sizing = method.for_budget(dict(knobs), geometry(model), prompt_tokens, new_tokens, element, budget)
-    if sizing.predicted > budget + BUDGET_TOLERANCE:
+    kept = sliding_share(model, prompt_tokens + new_tokens)
+    if kept >= budget:
+        raise UnreachableBudget(
+            f"{name} cannot hold {budget} of the full cache for {prompt_tokens} + {new_tokens} tokens: the model's "
+            f"sliding-window layers, never compressed, alone hold {kept:.3f} of it; use a budget above {kept:.2f} "
+            f"(or a longer prompt, where their share is smaller)")
+
+    def whole(ratio: float) -> float:  # a ratio of the compressed layers' cache as a ratio of the whole cache
+        return kept + (1 - kept) * ratio
+
+    sizing = method.for_budget(dict(knobs), geometry(model), prompt_tokens, new_tokens, element,
+                               (budget - kept) / (1 - kept))
+    if whole(sizing.predicted) > budget + BUDGET_TOLERANCE:
+        reason = sizing.floor_reason + (", and the sliding-window layers kept in full" if kept else "")
         raise UnreachableBudget(
             f"{name} cannot hold {budget} of the full cache for {prompt_tokens} + {new_tokens} tokens: the least it "
-            f"holds is {sizing.floor:.3f} ({sizing.floor_reason}); use a budget of at least {sizing.floor:.2f}")
+            f"holds is {whole(sizing.floor):.3f} ({reason}); use a budget of at least {whole(sizing.floor):.2f}")
     return {**knobs, **sizing.knobs}
+
+
+def sliding_share(model, tokens: int) -> float:
+    """The share of a full cache of ``tokens`` tokens that sliding-window layers hold (0 without such layers):
+    each keeps its last ``window - 1`` tokens, a global layer all of them (every layer has the same KV heads)."""
+    from ..hf import sliding_windows
+
+    windows = sliding_windows(model)
+    sliding = sum(min(window - 1, tokens) for window in windows if window is not None)
+    total = sliding + tokens * sum(window is None for window in windows)
+    return sliding / total if total else 0.0
 
 
 _REGISTRY: dict[str, Method] = {}
