@@ -52,6 +52,7 @@ def held_tensor_bytes(cache) -> int:
     from ojakv.landmarks import ChunkLandmarks
     from ojakv.quantize import Quantized
     from ojakv.storage import CodedRows
+    from ojakv.transform_coding import Int8Basis
 
     def size(value) -> int:
         if isinstance(value, torch.Tensor):
@@ -60,7 +61,7 @@ def held_tensor_bytes(cache) -> int:
             return value.nbytes
         if isinstance(value, (list, tuple)):
             return sum(size(item) for item in value)
-        if isinstance(value, CodedRows):
+        if isinstance(value, (CodedRows, Int8Basis)):
             return size(list(value.buffers))
         if isinstance(value, Quantized):
             return size([value.codes, value.scale, value.minimum])

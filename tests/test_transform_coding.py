@@ -175,20 +175,36 @@ def test_the_rank_is_where_the_bits_reach_zero(tiny):
         assert layer.u_k.shape[-1] < head_dim
 
 
-def test_a_budget_makes_ojakv_code_its_body_and_pay_for_its_float16_bases(tiny):
+def test_a_budget_makes_ojakv_code_its_body_and_pay_for_its_int8_bases(tiny):
     from helpers import greedy_scores, padded_batch
+    from ojakv.transform_coding import Int8Basis
 
     ids, mask = padded_batch(tiny.config.vocab_size, (600,), seed=5)
     cache = ojakv.make_cache(tiny, "ojakv", budget=0.3, new_tokens=4)
     greedy_scores(tiny, ids, mask, cache, steps=4)
     for layer in cache.layers:
         assert layer.config.body_bits > 0 and layer.config.fit_bases and layer.config.prefill_attention == "full"
-        assert layer.u_k.dtype == torch.float16 and layer.stat_k is None  # frozen bases, no Oja statistics
+        assert isinstance(layer.u_k, Int8Basis) and layer.stat_k is None  # frozen bases, no Oja statistics
+        assert layer.u_k.codes.dtype == torch.int8 and layer.u_k.scale.shape[-2] == 1  # a scale per column
         heads = layer.u_k.shape[0] * layer.u_k.shape[1]
-        per_head = (layer.k_coef.nbytes + layer.u_k.numel() * 2) / heads  # codes, gains, scales and the basis
+        basis = sum(t.numel() * t.element_size() for t in layer.u_k.buffers)
+        assert basis == heads * layer.u_k.shape[-1] * Int8Basis.column_bytes(layer.u_k.shape[-2])
+        per_head = (layer.k_coef.nbytes + basis) / heads  # codes, gains, scales and the basis
         # every row slot (decoded rows and growth slack too) within what the budget gives a body row
         assert per_head <= layer.k_coef.codes.capacity * layer.config.coefficient_bytes(0, 0, layer.u_k.shape[-2], 0)
     assert cache.memory().ratio <= 0.3 + 0.02
+
+
+def test_an_int8_basis_rounds_each_column_to_within_half_a_step():
+    from ojakv.transform_coding import Int8Basis
+
+    basis = torch.linalg.qr(torch.randn(2, 3, 64, 20, generator=torch.Generator().manual_seed(0)))[0]
+    held = Int8Basis(basis)
+    step = basis.abs().amax(-2, keepdim=True) / 127
+    assert ((held.float() - basis).abs() <= step / 2 + 1e-7).all()
+    x = torch.randn(500, 64, generator=torch.Generator().manual_seed(1))
+    exact, rounded = x @ basis @ basis.mT, x @ held.float() @ held.float().mT
+    assert (rounded - exact).norm() / exact.norm() < 0.02  # far below a 2-bit code's error
 
 
 SMOLLM2 = dict(num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, max_context=8192, model_type="llama")
@@ -300,10 +316,10 @@ def test_a_calibrated_coder_codes_every_prompt_in_one_fixed_basis_allocation_and
         layers.append(cache.layers)
     for index, (first, second) in enumerate(zip(*layers)):
         assert first.k_coef.bits == second.k_coef.bits and first.v_coef.bits == second.v_coef.bits
-        assert torch.equal(first.u_k, second.u_k) and torch.equal(first.k_coef.scale, second.k_coef.scale)
+        assert torch.equal(first.u_k.float(), second.u_k.float()) and torch.equal(first.k_coef.scale, second.k_coef.scale)
         values, vectors = calibration.layer("k_pre", index)
         kept = list(range(len(first.k_coef.bits)))  # the leading columns: bits go by variance
-        assert torch.allclose(first.u_k[0].float(), vectors[..., kept], atol=1e-3)
+        assert torch.allclose(first.u_k.float()[0], vectors[..., kept], atol=3e-3)  # int8 columns
         expected = (values[..., kept] / calibration.rows()).sqrt()
         floor = expected.amax(-1, keepdim=True) * 1e-3
         assert torch.allclose(first.k_coef.scale[0], torch.maximum(expected, floor), rtol=1e-5)

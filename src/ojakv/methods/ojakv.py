@@ -40,7 +40,7 @@ from ..rope import Rotation
 from ..quantize import SUPPORTED_BITS
 from ..storage import CodedRows, GrowableTensor, QuantizedRows, growth_slack
 from ..subspace import change_of_basis, covariance, eigh_descending, oja_step, rank_for_energy
-from ..transform_coding import GAIN_BYTES, MAX_BITS, coder_for, fitted_allocation, ordered_allocation
+from ..transform_coding import GAIN_BYTES, MAX_BITS, Int8Basis, coder_for, fitted_allocation, ordered_allocation
 from . import Method, Sizing, knob, largest_within, register
 
 KEY_MODES = ("pre_rope", "post_rope")
@@ -183,15 +183,13 @@ class OjaKVConfig:
             return self.total_bits(head_dim, which) / 8 + 0.5 + GAIN_BYTES
         return rank * dtype_bytes if not self.coef_bits else QuantizedRows.bytes_per_row(rank, self.coef_bits)
 
-    def basis_bytes(self) -> int:
-        """Bytes per basis entry. A transform-coded body's bases never move unless eta_decode > 0, so they are held
-        in float16: their rounding (≤ 2⁻¹¹ relative) is far below the codes'. Moving bases stay float32."""
-        return 2 if self.body_bits and self.eta_decode == 0 else 4
-
     def column_bytes(self, head_dim: int) -> int:
         """Bytes one kept coefficient costs apart from its codes: its basis column and, when the bases move while
-        decoding, that column of the float32 Oja statistics Σ x xᵀU."""
-        return head_dim * (self.basis_bytes() + (4 if self.eta_decode > 0 else 0))
+        decoding, that column of the float32 Oja statistics Σ x xᵀU. A transform-coded body's bases never move
+        unless eta_decode > 0, so they are held in int8 (``Int8Basis``); moving bases stay float32."""
+        if self.body_bits and self.eta_decode == 0:
+            return Int8Basis.column_bytes(head_dim)
+        return head_dim * (4 + (4 if self.eta_decode > 0 else 0))
 
     def subspace_bytes(self, rank: int, head_dim: int) -> float:
         """Bytes one KV head's bases U_k, U_v and their Oja statistics take (none apart when ``fit_bases`` pays for
@@ -235,7 +233,7 @@ class OjaKVLayer(CacheLayer):
         self.k_sink = self.v_sink = self.k_win = self.v_win = None
         self.sink_target = 0
         self.k_coef, self.v_coef = self._coefficient_store(), self._coefficient_store()
-        self.u_k = self.u_v = None  # [b, h, d, r] float32 (float16: a transform-coded body's fixed bases)
+        self.u_k = self.u_v = None  # [b, h, d, r] float32 (``Int8Basis``: a transform-coded body's fixed bases)
         self.stat_k = self.stat_v = None  # Σ x xᵀ U since the last update, [b, h, d, r] float32
         self.pending = 0
         self.update_seconds = 0.0  # time spent in decode-time subspace updates (read by `ojakv bench`)
@@ -354,7 +352,7 @@ class OjaKVLayer(CacheLayer):
         else:
             self.v_coef = store
         basis = vectors.index_select(-1, index)
-        return (basis.half() if self.config.basis_bytes() == 2 else basis).contiguous()
+        return Int8Basis(basis) if self.config.eta_decode == 0 else basis.contiguous()
 
     def _append(self, keys, values, step: StepInputs, attention: AttentionInputs) -> None:
         """New tokens (decode, or a later prefill chunk): statistics, sink top-up, window, overflow into body."""
@@ -508,12 +506,16 @@ class OjaKVLayer(CacheLayer):
             **growable_segments(body=(self.k_coef, self.v_coef),
                                 landmarks=(landmarks.means,) if landmarks is not None else ()),
             "residual_tokens": nbytes(self.k_exact, self.v_exact, self.exact_idx, self.exact_score),
-            "bases": nbytes(self.u_k, self.u_v),
+            "bases": nbytes(*_basis_tensors(self.u_k), *_basis_tensors(self.u_v)),
             "oja_state": nbytes(self.stat_k, self.stat_v),
         }
         if landmarks is not None:
             segments["landmarks"] += nbytes(landmarks.tail)
         return segments
+
+
+def _basis_tensors(basis) -> tuple:
+    return basis.buffers if isinstance(basis, Int8Basis) else (basis,)
 
 
 def _residual_scores(queries: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:

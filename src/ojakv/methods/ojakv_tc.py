@@ -8,7 +8,7 @@ stored as a float16 gain and per-coefficient Lloyd–Max codes of its whitened s
 
 Basis updates while decoding are off by default (``eta_decode=0``): each update would decode, re-express and
 code again every stored row (one more rounding each time), and without updates no Oja statistics are held and
-the bases are kept in float16. With ``eta_decode > 0`` the rows are re-coded in the new basis with the prompt's
+the bases are kept in int8 (``Int8Basis``). With ``eta_decode > 0`` the rows are re-coded in the new basis with the prompt's
 scales, which loses retrieval (docs/RESULTS.md, context shift): that setting is there to measure, not to use.
 
 Given a budget, ``ojakv`` (unless told ``coef_bits``) and ``ojakv-tc`` choose ``body_bits`` with ``fit_bases``:

@@ -19,7 +19,7 @@ import math
 import torch
 
 from ..quantize import Quantized, dequantize, mixed_bytes, pack_bits, quantize, unpack_bits
-from ..transform_coding import GAIN_BYTES, coder_for, ordered_allocation
+from ..transform_coding import GAIN_BYTES, Int8Basis, coder_for, ordered_allocation
 from ..rope import apply_rope, undo_rope
 from .settings import QUANT_BITS, TURBOQUANT_BITS, Settings, refuse
 
@@ -319,8 +319,8 @@ class TransformCodedFormat(LowRankFormat):
     (``ojakv.transform_coding``): per layer, ``coded_bits`` bits per key and per value allocated by the calibration's
     variances over all KV heads (one layout for every head and request), each row whitened by the calibration's
     standard deviations and stored as packed Lloyd–Max codes and a float16 gain, then padded to the slot. The
-    bases are the calibration's columns in float16, as the library holds a coded body's fixed bases, so a token
-    codes to the same bytes as in the library's ``staticpca:body_bits=...``."""
+    bases are the calibration's columns rounded to int8 (``Int8Basis``), as the library holds a coded body's fixed
+    bases, so a token codes to the same bytes as in the library's ``staticpca:body_bits=...``."""
 
     def __init__(self, settings, num_kv_heads, head_dim, dtype, spectra, inv_freq, head_offset: int = 0):
         bases, self.coders = [], []
@@ -328,7 +328,7 @@ class TransformCodedFormat(LowRankFormat):
         for variances, vectors in spectra:  # keys, values: [all heads, d], [all heads, d, d]
             bits = ordered_allocation(variances, coded_bits(settings, head_dim))
             index, coder = coder_for(variances[heads][None], bits)
-            bases.append(vectors[heads].index_select(-1, index).half().float())
+            bases.append(Int8Basis(vectors[heads].index_select(-1, index)).float())
             self.coders.append(coder)
         super().__init__(settings, num_kv_heads, head_dim, dtype, *bases, inv_freq)
 
