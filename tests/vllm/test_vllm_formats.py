@@ -231,7 +231,7 @@ def test_transform_coded_slots_hold_the_librarys_codes(tmp_path, body_bits):
     for role, (store, basis) in enumerate(((layer.k_coef, layer.u_k), (layer.v_coef, layer.u_v))):
         assert fmt.coders[role].bits == store.bits
         torch.testing.assert_close(fmt.coders[role].scale, store.scale[:1])
-        torch.testing.assert_close(fmt.bases[role], basis[0].float())
+        torch.testing.assert_close(fmt.bases[role], basis.float()[0])
     keys, values = full.keys[0].transpose(0, 1), full.values[0].transpose(0, 1)  # [n, heads, d]
     positions = torch.arange(keys.shape[0])
     slots = fmt.encode(keys, values, positions)
