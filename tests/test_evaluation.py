@@ -271,3 +271,24 @@ def test_every_method_runs_in_a_budgeted_sweep_and_in_the_bench(model, tokenizer
         assert set(get_method(method).size_knobs) <= set(record["knobs"])
     (bench,) = run_bench(model, tokenizer, [spec], [512], repeats=1, decode_tokens=2, progress=False)
     assert bench["method"] == spec.label and bench["held_bytes"] > 0 and bench["decode_ms_per_token"] > 0
+
+
+def test_the_bench_runs_each_method_in_the_configuration_a_budget_gives_it(model, tokenizer):
+    from ojakv.evaluation.bench import bench_table, run_bench
+
+    specs = [MethodSpec.parse("full"), MethodSpec.parse("ojakv"), MethodSpec.parse("snapkv")]
+    records = run_bench(model, tokenizer, specs, [512], budgets=[0.5, 0.3], repeats=1, decode_tokens=2,
+                        progress=False)
+    cells = [(r["method"], r["budget"]) for r in records]
+    assert cells == [("full", None), ("ojakv", 0.5), ("ojakv", 0.3), ("snapkv", 0.5), ("snapkv", 0.3)]
+    held = {cell: r["held_bytes_vs_full"] for cell, r in zip(cells, records)}
+    assert held[("full", None)] == 1.0
+    for (method, budget), ratio in held.items():  # each budgeted cache holds what its budget allows
+        if budget is not None:
+            assert ratio <= budget + 0.005, (method, budget, ratio)
+    # snapkv's capacity follows the budget; ojakv's coded body at 8 bits a coefficient is float32's 0.25 at most
+    assert abs(held[("snapkv", 0.5)] - 0.5) < 0.02 and abs(held[("snapkv", 0.3)] - 0.3) < 0.02
+    assert held[("ojakv", 0.3)] > 0.2
+    (unbudgeted,) = run_bench(model, tokenizer, [specs[1]], [512], repeats=1, decode_tokens=2, progress=False)
+    assert unbudgeted["budget"] is None and unbudgeted["held_bytes"] > records[1]["held_bytes"]
+    assert "| ojakv | 0.300 | 512 |" in bench_table(records)

@@ -199,6 +199,8 @@ def test_budgets_outside_zero_one_are_refused(tiny):
     (["bench", "--json", "{dir}"], ["--json", "is a folder: give a file name"]),
     (["bench", "--plot", "{dir}"], ["--plot", "is a folder"]),
     (["bench", "--repeats", "0"], ["--repeats >= 1"]),
+    (["bench", "--budgets", "0.25,1.5"], ["budgets are fractions of the full cache in (0, 1]"]),
+    (["fidelity", "--out", "{dir}/f", "--budgets", "0"], ["budgets are fractions of the full cache in (0, 1]"]),
     (["calibrate", "--chunk-tokens", "0"], ["--chunk-tokens and --max-tokens above 32"]),
     (["calibrate", "--max-tokens", "10"], ["--chunk-tokens and --max-tokens above 32"]),
     (["calibrate", "--out", "{dir}"], ["--out", "is a folder"]),

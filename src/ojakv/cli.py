@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="prefill / decode time and memory, methods side by side with full")
     _add_model_flags(bench)
     bench.add_argument("--methods", default="full,ojakv", help="method specs as for `ojakv eval`")
+    bench.add_argument("--budgets", default="", help="held-bytes budgets, e.g. 0.25,0.15: each method runs in the "
+                       "configuration a budget gives it (as in `ojakv eval --budgets`); full runs once; empty: each "
+                       "method with its own knobs")
     bench.add_argument("--lengths", default="1024,2048,4096,8000")
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--decode-tokens", type=int, default=128,
@@ -200,6 +203,14 @@ def _split(text: str, cast, what: str) -> list:
         raise OjaKVError(f"--{what} takes comma-separated numbers, got {text!r}") from None
 
 
+def _budgets(text: str) -> list[float]:
+    """--budgets: fractions of the full cache, each in (0, 1]; none given is an empty list."""
+    budgets = _split(text, float, "budgets")
+    if any(not 0 < b <= 1 for b in budgets):
+        raise OjaKVError(f"budgets are fractions of the full cache in (0, 1], got {text}")
+    return budgets
+
+
 def _specs(text: str):
     from .evaluation import MethodSpec
 
@@ -215,6 +226,7 @@ def _bench(args) -> int:
 
     specs = _specs(args.methods)
     lengths = _split(args.lengths, int, "lengths")
+    budgets = _budgets(args.budgets) or None
     if args.repeats < 1 or args.decode_tokens < 1 or not lengths:
         raise OjaKVError("give --repeats >= 1, --decode-tokens >= 1 and at least one length")
     if min(lengths) < MIN_BENCH_LENGTH:
@@ -224,7 +236,8 @@ def _bench(args) -> int:
     _check_output_file(args.plot, "--plot")
     model, tokenizer = _load(args, device=args.device, needs_tokenizer=False)
     _check_context(model, max(lengths), args.decode_tokens, "--lengths", "--decode-tokens")
-    records = run_bench(model, tokenizer, specs, lengths, repeats=args.repeats, decode_tokens=args.decode_tokens)
+    records = run_bench(model, tokenizer, specs, lengths, budgets=budgets, repeats=args.repeats,
+                        decode_tokens=args.decode_tokens)
     print(bench_table(records))
     if args.json_out:
         _write_json(args.json_out, records)
@@ -270,9 +283,7 @@ def _eval(args) -> int:
     from .evaluation import run_sweep, write_reports
 
     specs = _specs(args.methods)
-    budgets = _split(args.budgets, float, "budgets") or [None]
-    if any(b is not None and not 0 < b <= 1 for b in budgets):
-        raise OjaKVError(f"budgets are fractions of the full cache in (0, 1], got {args.budgets}")
+    budgets = _budgets(args.budgets) or [None]
     lengths = _split(args.lengths, int, "lengths")
     if args.samples < 1 or not lengths or min(lengths) < 128:
         raise OjaKVError("give --samples >= 1 and --lengths of at least 128 tokens each")
@@ -295,7 +306,7 @@ def _fidelity(args) -> int:
     from .evaluation import fidelity
 
     specs = _specs(args.methods)
-    budgets = _split(args.budgets, float, "budgets") or [None]
+    budgets = _budgets(args.budgets) or [None]
     if args.length < 128 or args.continuation < 2 or args.samples < 1:
         raise OjaKVError("give --length >= 128, --continuation >= 2 and --samples >= 1")
     _check_out_folder(args.out)

@@ -1,6 +1,8 @@
 """Speed and memory, every method side by side with the full cache in the same run.
 
-For each context length, repeats interleave the methods (so drift in machine load hits them alike). Each run
+Methods run with their own knobs or, given ``budgets``, at each budget in the configuration it gives them (the
+knobs ``knobs_for_budget`` sets when the cache sees the prompt, as ``ojakv eval --budgets`` runs them); ``full``
+runs once, unbudgeted. For each context length, repeats interleave the methods (so drift in machine load hits them alike). Each run
 times the prefill and ``decode_tokens`` greedy decode steps, reads the cache's held bytes, and tracks peak
 memory: max allocated on CUDA; on CPU the process's resident set, sampled by a thread every millisecond, above
 what it was before the run. Before each CPU run, memory freed by earlier runs is handed back to the system
@@ -20,10 +22,9 @@ from statistics import median
 
 import torch
 
-from ..api import make_cache
 from ..hf import cache_kwargs
 from ..data import essay_text
-from .runner import MethodSpec
+from .runner import Cell, MethodSpec
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -83,9 +84,9 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _one_run(model, spec: MethodSpec, ids: torch.Tensor, decode_tokens: int) -> dict:
+def _one_run(model, cell: Cell, ids: torch.Tensor, decode_tokens: int) -> dict:
     device = ids.device
-    cache = make_cache(model, spec.name, **dict(spec.knobs))
+    cache = cell.spec.make_cache(model, cell.budget, decode_tokens)
     kv = cache_kwargs(model, cache)
     with cache, torch.no_grad(), PeakMemory(device) as peak:
         start = time.perf_counter()
@@ -104,32 +105,39 @@ def _one_run(model, spec: MethodSpec, ids: torch.Tensor, decode_tokens: int) -> 
             "full_bytes": cache.memory().full_bytes, "peak_bytes": peak.peak}
 
 
-def run_bench(model, tokenizer, specs: list[MethodSpec], lengths: list[int], *, repeats: int = 3,
-              decode_tokens: int = 32, progress: bool = True) -> list[dict]:
-    """Median figures per (method, length), with ``*_vs_full`` ratios when ``full`` is among the methods. Without a
-    tokenizer (random-weight models) the prompt is seeded random token ids."""
+def run_bench(model, tokenizer, specs: list[MethodSpec], lengths: list[int], *, budgets: list[float] | None = None,
+              repeats: int = 3, decode_tokens: int = 32, progress: bool = True) -> list[dict]:
+    """Median figures per (method, budget, length), with ``*_vs_full`` ratios when ``full`` is among the methods.
+    Without ``budgets`` every method runs with its own knobs (budget None). Without a tokenizer (random-weight
+    models) the prompt is seeded random token ids."""
     device = next(model.parameters()).device
     if tokenizer is not None:
         text_ids = tokenizer(essay_text("eval"), add_special_tokens=False).input_ids
     else:
         generator = torch.Generator().manual_seed(0)
         text_ids = torch.randint(0, model.config.vocab_size, (max(lengths),), generator=generator).tolist()
+    cells = [Cell(spec, budget) for spec in specs
+             for budget in (budgets if budgets and spec.name != "full" else [None])]
     records = []
     for length in lengths:
         ids = torch.tensor([text_ids[:length]], device=device)
-        _one_run(model, specs[0], ids[:, :64], 2)  # warm-up: kernels, allocator, lazy imports
-        runs: dict[str, list[dict]] = {spec.label: [] for spec in specs}
+        _one_run(model, Cell(specs[0], None), ids[:, :64], 2)  # warm-up: kernels, allocator, lazy imports
+        runs: dict[Cell, list[dict]] = {cell: [] for cell in cells}
         for repeat in range(repeats):
-            order = specs if repeat % 2 == 0 else specs[::-1]
-            for spec in order:
-                runs[spec.label].append(_one_run(model, spec, ids, decode_tokens))
+            for cell in cells if repeat % 2 == 0 else cells[::-1]:
+                runs[cell].append(_one_run(model, cell, ids, decode_tokens))
                 if progress:
-                    print(f"  bench {spec.label} @ {length}: repeat {repeat + 1}/{repeats}", flush=True)
-        for spec in specs:
-            summary = {key: median(run[key] for run in runs[spec.label]) for key in runs[spec.label][0]}
-            records.append({"method": spec.label, "length": length, "repeats": repeats, **summary})
+                    print(f"  bench {_label(cell)} @ {length}: repeat {repeat + 1}/{repeats}", flush=True)
+        for cell in cells:
+            summary = {key: median(run[key] for run in runs[cell]) for key in runs[cell][0]}
+            records.append({"method": cell.spec.label, "budget": cell.budget, "length": length, "repeats": repeats,
+                            **summary})
     _add_ratios(records)
     return records
+
+
+def _label(cell: Cell) -> str:
+    return cell.spec.label if cell.budget is None else f"{cell.spec.label} @ {cell.budget:g}"
 
 
 def _add_ratios(records: list[dict]) -> None:
@@ -143,7 +151,7 @@ def _add_ratios(records: list[dict]) -> None:
 
 
 def bench_table(records: list[dict]) -> str:
-    columns = ["method", "length", "prefill_s", "decode_ms_per_token", "update_ms_per_token", "held_bytes",
+    columns = ["method", "budget", "length", "prefill_s", "decode_ms_per_token", "update_ms_per_token", "held_bytes",
                "peak_bytes", "prefill_s_vs_full", "decode_ms_per_token_vs_full", "held_bytes_vs_full",
                "peak_bytes_vs_full"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -152,7 +160,7 @@ def bench_table(records: list[dict]) -> str:
         for c in columns:
             value = r.get(c)
             if value is None:
-                cells.append("")
+                cells.append("" if c != "budget" else "-")
             elif isinstance(value, float) and not c.endswith("bytes"):
                 cells.append(f"{value:.3f}")
             else:
@@ -170,9 +178,11 @@ def plot_decode_time(records: list[dict], path) -> None:
     except ImportError:
         return
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for method in sorted({r["method"] for r in records}):
-        points = sorted((r["length"], r["decode_ms_per_token"]) for r in records if r["method"] == method)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+    for method, budget in sorted({(r["method"], r.get("budget") or 0.0) for r in records}):
+        points = sorted((r["length"], r["decode_ms_per_token"]) for r in records
+                        if (r["method"], r.get("budget") or 0.0) == (method, budget))
+        label = method if not budget else f"{method} @ {budget:g}"
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("decode ms / token (median)")
     ax.grid(alpha=0.3)
