@@ -128,10 +128,10 @@ def _dense_first(mask, start: int, n: int, dense: int, index: torch.Tensor | Non
 
 def _body_scores(grouped: torch.Tensor, body: LowRankBody) -> torch.Tensor:
     """q·k for every body token, [b, h, g·q, n]; exact keys where the layer keeps them."""
-    coef = body.key_coef.view
     if body.key_angles is None:  # post-RoPE: score in the subspace
-        scores = (grouped @ body.key_basis) @ coef.float().transpose(-1, -2)
+        scores = body.key_coef.dot(grouped @ body.key_basis)
     else:
+        coef = body.key_coef.view
         spans = [(s, min(s + KEY_CHUNK, body.length)) for s in range(0, body.length, KEY_CHUNK)]
         parts = [grouped @ _rebuilt_keys(coef[:, :, s:e], body, s, e).transpose(-1, -2) for s, e in spans]
         scores = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
@@ -154,7 +154,7 @@ def _body_values(probs: torch.Tensor, body: LowRankBody) -> torch.Tensor:
         index = body.exact_index.unsqueeze(2).expand(-1, -1, probs.shape[2], -1)
         exact = probs.gather(-1, index) @ body.exact_values.float()
         probs = probs.scatter(-1, index, 0.0)
-    out = (probs @ body.value_coef.view.float()) @ body.value_basis.transpose(-1, -2)
+    out = body.value_coef.weighted_sum(probs) @ body.value_basis.transpose(-1, -2)
     return out if exact is None else out + exact
 
 

@@ -158,6 +158,21 @@ def unpack_mixed(packed: torch.Tensor, widths: Sequence[int]) -> torch.Tensor:
     return codes
 
 
+@functools.lru_cache(maxsize=None)
+def mixed_slices(widths: tuple[int, ...]) -> tuple[tuple[tuple[int, int, int, int], ...], ...]:
+    """Where ``pack_mixed`` puts each entry's bits: per entry, its slices as (byte, shift in that byte, width,
+    shift in the code), so that code_j = Σ ((row[byte] >> shift) & (2^width − 1)) << code shift. A reader that
+    decodes one row at a time (``ojakv.kernels``) needs this instead of ``unpack_mixed``'s whole-tensor passes."""
+    slices: list[list[tuple[int, int, int, int]]] = [[] for _ in widths]
+    start = 0
+    for digit, columns, shifts in _mixed_layout(widths):
+        per_byte = 8 // digit
+        for k, (j, code_shift) in enumerate(zip(columns, shifts)):
+            slices[j].append((start + k // per_byte, k % per_byte * digit, digit, code_shift))
+        start += -(-len(columns) * digit // 8)
+    return tuple(tuple(entry) for entry in slices)
+
+
 def mixed_bytes(widths: Sequence[int]) -> int:
     """Bytes ``pack_mixed`` uses for one row of these widths."""
     return packed_bytes({width: len(columns) for width, columns, _ in _mixed_layout(tuple(widths))})

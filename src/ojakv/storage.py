@@ -30,7 +30,21 @@ def growth_slack(stored: int, appended: int) -> int:
     return capacity - length - appended
 
 
-class GrowableTensor:
+class RowReads:
+    """What attention reads from stored rows ``[b, h, n, r]`` (``view``): their products with queries and with
+    attention weights, here through a float32 copy of every row; a store that can compute them from its codes
+    (``ojakv.kernels``) overrides them."""
+
+    def dot(self, queries: torch.Tensor) -> torch.Tensor:
+        """queries [b, h, G, r] · rows → [b, h, G, n] float32."""
+        return queries.float() @ self.view.float().transpose(-1, -2)
+
+    def weighted_sum(self, weights: torch.Tensor) -> torch.Tensor:
+        """Σ_t weights[..., t] · row_t: weights [b, h, G, n] → [b, h, G, r] float32."""
+        return weights.float() @ self.view.float()
+
+
+class GrowableTensor(RowReads):
     """A tensor ``[*lead, n, *tail]`` that grows along dimension ``dim`` (the token axis).
 
     ``view`` is the live part; ``nbytes`` is the allocated storage, slack included, because that is what the
@@ -95,7 +109,7 @@ class GrowableTensor:
         self.length = 0
 
 
-class CodedRows:
+class CodedRows(RowReads):
     """Rows ``[b, h, n, r]`` kept as codes that grow along tokens. A subclass codes rows (``append``), decodes the
     per-token parts of some rows (``decode``, a float32 temporary) and names the tensors that hold them
     (``buffers``: growable ones, plus any fixed per-head tensor). ``view`` decodes every row, ``rows`` only the
@@ -197,7 +211,7 @@ class QuantizedRows(CodedRows):
             buffer.append(part)
 
 
-class TensorRows:
+class TensorRows(RowReads):
     """Rows ``[b, h, n, r]`` already in a plain tensor, behind the stores' reading interface (``view``, ``rows``,
     ``length``): e.g. a selection's gathered rows, or coefficients a test makes."""
 

@@ -24,6 +24,7 @@ from typing import Sequence
 
 import torch
 
+from .kernels import kernels_enabled
 from .quantize import codebook, codebook_distortion, mixed_bytes, pack_mixed, packed_bytes, unpack_mixed
 from .storage import CodedRows, GrowableTensor
 
@@ -157,6 +158,7 @@ class TransformCodedRows(CodedRows):
         self._centroids = {b: self.table[starts[b] : starts[b] + 2**b] for b in widths}  # views
         self._columns = {b: torch.tensor([j for j, w in enumerate(self.bits) if w == b], device=device)
                          for b in widths}
+        self._cpu_kernels = None  # built on first use (``_kernels``)
 
     @staticmethod
     def bytes_per_row(bits: Sequence[int]) -> int:
@@ -174,8 +176,36 @@ class TransformCodedRows(CodedRows):
         return self.codes, self.gains, self.scale, self.table, self.starts
 
     def decode(self, codes, gains) -> torch.Tensor:
+        kernels = self._kernels()
+        if kernels is not None:
+            return kernels.decode(codes, gains, self.scale)
         shape = self.table[unpack_mixed(codes, self.bits).long() + self.starts]
         return shape * gains.float() * self.scale.unsqueeze(2)
+
+    def dot(self, queries: torch.Tensor) -> torch.Tensor:
+        kernels = self._kernels()
+        if kernels is None or not self.length:
+            return super().dot(queries)
+        return kernels.dot(self.codes.view, self.gains.view, self.scale, queries)
+
+    def weighted_sum(self, weights: torch.Tensor) -> torch.Tensor:
+        kernels = self._kernels()
+        if kernels is None or not self.length:
+            return super().weighted_sum(weights)
+        return kernels.weighted_sum(self.codes.view, self.gains.view, self.scale, weights)
+
+    def _kernels(self):
+        """The fused CPU kernels for this store, or None where they do not apply (another device, turned off,
+        numba missing): then the PyTorch reference runs."""
+        if not kernels_enabled() or self.table.device.type != "cpu":
+            return None
+        if self._cpu_kernels is None:
+            try:
+                from .kernels.coded_cpu import CodedRowsKernels
+            except ImportError:
+                return None
+            self._cpu_kernels = CodedRowsKernels(self.bits, self.table, self.starts)
+        return self._cpu_kernels
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Packed codes ``[b, h, n, bytes]`` and float16 gains ``[b, h, n, 1]`` of rows ``x`` [b, h, n, r], not
