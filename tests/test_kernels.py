@@ -11,6 +11,7 @@ import ojakv
 from helpers import kv
 from ojakv.kernels import kernels_enabled, use_kernels
 from ojakv.quantize import mixed_slices, pack_mixed, unpack_mixed
+from ojakv.rope import Rotation
 from ojakv.transform_coding import TransformCodedRows
 from tiny import tiny_model
 
@@ -61,6 +62,23 @@ def test_the_cpu_kernels_read_the_codes_as_the_reference_decodes_them(bits, toke
     assert torch.equal(rows, expected[0]) and torch.equal(picked, expected[3])  # same products, same order
     _close(products, expected[1])
     _close(sums, expected[2])
+
+
+@settings(max_examples=30, deadline=None)
+@given(widths, st.sampled_from([1, 200, 513]), st.sampled_from([(64, 64), (64, 32), (32, 32)]),
+       st.booleans(), st.integers(0, 2**31 - 1))
+def test_keys_coded_before_rope_score_as_if_rebuilt_and_rotated(bits, tokens, dims, per_head, seed):
+    d, rotary = dims
+    bits = bits[:d]
+    store, generator = _store(bits, tokens, seed)
+    queries = torch.randn(2, 2, 3, d, generator=generator)
+    basis = torch.linalg.qr(torch.randn(2, 2, d, d, generator=generator))[0][..., : len(bits)]
+    angles = torch.rand(2, 2 if per_head else 1, tokens, rotary // 2, generator=generator) * 100
+    rotation = Rotation(torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1))
+    with use_kernels(False):
+        assert store.rotated_dot(queries, basis, rotation) is None  # the caller rebuilds
+        expected = queries @ rotation.apply(store.view @ basis.transpose(-1, -2)).transpose(-1, -2)
+    _close(store.rotated_dot(queries, basis, rotation), expected)
 
 
 def test_the_switch_restores_what_it_found_and_the_reference_runs_without_kernels():

@@ -43,6 +43,12 @@ class RowReads:
         """Σ_t weights[..., t] · row_t: weights [b, h, G, n] → [b, h, G, r] float32."""
         return weights.float() @ self.view.float()
 
+    def rotated_dot(self, queries: torch.Tensor, basis: torch.Tensor, rotation) -> torch.Tensor | None:
+        """queries [b, h, G, d] · RoPE(basis [b, h, d, r] · row_t) [b, h, G, n] for rows of keys coded before RoPE,
+        by a fused path that never holds the rebuilt keys; None where there is none (``ojakv.attention`` then
+        rebuilds them a chunk at a time)."""
+        return None
+
 
 class GrowableTensor(RowReads):
     """A tensor ``[*lead, n, *tail]`` that grows along dimension ``dim`` (the token axis).

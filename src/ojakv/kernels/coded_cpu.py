@@ -7,6 +7,8 @@ one codebook table. The kernels read each row's bytes once and never write a flo
   that must be rotated to their own positions);
 - ``dot``: queries · rows, [G, r] × [n, r] → [G, n], a row's coefficients multiplied into every query as it is
   decoded (queries pre-scaled by σ, the gain applied once per row);
+- ``rotated_dot``: queries · RoPE_t(U · row_t) for keys coded before RoPE: each row is rebuilt through the basis,
+  rotated to its token's position and multiplied into every query in registers, never stored;
 - ``weighted_sum``: Σ_t w_t · row_t, [G, n] × [n, r] → [G, r], accumulating w_t · g_t · centroid per
   coefficient and scaling by σ once at the end.
 
@@ -83,6 +85,36 @@ def _dot(codes, gains, scale, table, starts, slices, queries, out):
                 out[h, g, t] = total * gains[h, t]
 
 
+@numba.njit(parallel=True, cache=True, nogil=True, fastmath=True)
+def _rotated_dot(codes, gains, scale, table, starts, slices, basis_t, cos, sin, angle_heads, queries, out):
+    """basis_t [heads, r, d]; cos / sin [angle sets, n, rotary] with rotate_half's sign folded into sin, set
+    ``h // angle_heads`` serving head h (one set per sequence, or one per head)."""
+    heads, n, r = codes.shape[0], codes.shape[1], slices.shape[0]
+    d, groups, rotary = basis_t.shape[2], queries.shape[1], cos.shape[2]
+    half = rotary // 2
+    chunks = (n + CHUNK - 1) // CHUNK
+    for unit in numba.prange(heads * chunks):
+        h, start = unit // chunks, unit % chunks * CHUNK
+        a = h // angle_heads
+        centroid = np.empty(r, dtype=np.float32)
+        key = np.empty(d, dtype=np.float32)
+        for t in range(start, min(start + CHUNK, n)):
+            _centroids(codes[h, t], slices, starts, table, centroid)
+            key[:] = 0.0
+            for j in range(r):
+                c = centroid[j] * scale[h, j]
+                for i in range(d):
+                    key[i] += basis_t[h, j, i] * c
+            for g in range(groups):
+                total = np.float32(0.0)
+                for i in range(half):
+                    total += queries[h, g, i] * (key[i] * cos[a, t, i] + key[i + half] * sin[a, t, i])
+                    total += queries[h, g, i + half] * (key[i + half] * cos[a, t, i + half] + key[i] * sin[a, t, i + half])
+                for i in range(rotary, d):
+                    total += queries[h, g, i] * key[i]
+                out[h, g, t] = total * gains[h, t]
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _weighted_sum(codes, gains, table, starts, slices, weights, partial):
     heads, n, r = codes.shape[0], codes.shape[1], slices.shape[0]
@@ -131,6 +163,18 @@ class CodedRowsKernels:
         rows, gain = self._rows(codes, gains)
         _dot(rows, gain, _heads(scale.float().contiguous()), self.table, self.starts, self.slices,
              _heads(queries.float().contiguous()), _heads(out))
+        return out
+
+    def rotated_dot(self, codes, gains, scale, queries, basis, cos, sin) -> torch.Tensor:
+        """queries [b, h, G, d] · RoPE(basis [b, h, d, r] · rows [b, h, n, r]) → [b, h, G, n] float32, with the
+        rows' angles ``cos`` / ``sin`` [b, 1 or h, n, rotary] (sin folded as ``ojakv.rope.Rotation`` holds it)."""
+        b, h, n = codes.shape[:3]
+        out = torch.empty(b, h, queries.shape[2], n, dtype=torch.float32)
+        rows, gain = self._rows(codes, gains)
+        angle_heads = h // cos.shape[1]  # heads sharing one set of angles
+        _rotated_dot(rows, gain, _heads(scale.float().contiguous()), self.table, self.starts, self.slices,
+                     _heads(basis.float().transpose(-1, -2).contiguous()), _heads(cos.float().contiguous()),
+                     _heads(sin.float().contiguous()), angle_heads, _heads(queries.float().contiguous()), _heads(out))
         return out
 
     def weighted_sum(self, codes, gains, scale, weights: torch.Tensor) -> torch.Tensor:
