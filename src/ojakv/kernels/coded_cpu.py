@@ -12,8 +12,11 @@ one codebook table. The kernels read each row's bytes once and never write a flo
 - ``weighted_sum``: Σ_t w_t · row_t, [G, n] × [n, r] → [G, r], accumulating w_t · g_t · centroid per
   coefficient and scaling by σ once at the end.
 
-Work is split over (sequence × head, chunk of tokens) so both cores have work even with few KV heads; the sums of
-``weighted_sum`` are per chunk, added afterwards. Arithmetic is float32 with float32 accumulation, as the
+The kernels run on the calling thread. Run in numba's own thread pool, they made every small PyTorch op of the
+step several times slower (measured on 2 cores: a 3×64×64 matmul 15 µs → 100 µs after a parallel kernel), the two
+pools' idle threads spinning against each other; the model's own ops are parallel already. Work is laid out in
+(sequence × head, chunk of tokens) units all the same, with ``weighted_sum``'s sums per chunk added afterwards, so
+that a parallel split stays a one-line change to measure again. Arithmetic is float32 with float32 accumulation, as the
 reference's matmuls; only the order of additions differs.
 """
 
@@ -51,11 +54,11 @@ def _centroids(row, slices, starts, table, out):
         out[j] = table[starts[j] + code]
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True)
 def _decode(codes, gains, scale, table, starts, slices, out):
     heads, n, r = codes.shape[0], codes.shape[1], slices.shape[0]
     chunks = (n + CHUNK - 1) // CHUNK
-    for unit in numba.prange(heads * chunks):
+    for unit in range(heads * chunks):
         h, start = unit // chunks, unit % chunks * CHUNK
         centroid = np.empty(r, dtype=np.float32)
         for t in range(start, min(start + CHUNK, n)):
@@ -64,12 +67,12 @@ def _decode(codes, gains, scale, table, starts, slices, out):
                 out[h, t, j] = centroid[j] * gains[h, t] * scale[h, j]
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True)
 def _dot(codes, gains, scale, table, starts, slices, queries, out):
     heads, n, r = codes.shape[0], codes.shape[1], slices.shape[0]
     groups = queries.shape[1]
     chunks = (n + CHUNK - 1) // CHUNK
-    for unit in numba.prange(heads * chunks):
+    for unit in range(heads * chunks):
         h, start = unit // chunks, unit % chunks * CHUNK
         scaled = np.empty((groups, r), dtype=np.float32)
         for g in range(groups):
@@ -85,7 +88,7 @@ def _dot(codes, gains, scale, table, starts, slices, queries, out):
                 out[h, g, t] = total * gains[h, t]
 
 
-@numba.njit(parallel=True, cache=True, nogil=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _rotated_dot(codes, gains, scale, table, starts, slices, basis_t, cos, sin, angle_heads, queries, out):
     """basis_t [heads, r, d]; cos / sin [angle sets, n, rotary] with rotate_half's sign folded into sin, set
     ``h // angle_heads`` serving head h (one set per sequence, or one per head)."""
@@ -93,7 +96,7 @@ def _rotated_dot(codes, gains, scale, table, starts, slices, basis_t, cos, sin, 
     d, groups, rotary = basis_t.shape[2], queries.shape[1], cos.shape[2]
     half = rotary // 2
     chunks = (n + CHUNK - 1) // CHUNK
-    for unit in numba.prange(heads * chunks):
+    for unit in range(heads * chunks):
         h, start = unit // chunks, unit % chunks * CHUNK
         a = h // angle_heads
         centroid = np.empty(r, dtype=np.float32)
@@ -115,12 +118,12 @@ def _rotated_dot(codes, gains, scale, table, starts, slices, basis_t, cos, sin, 
                 out[h, g, t] = total * gains[h, t]
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True)
 def _weighted_sum(codes, gains, table, starts, slices, weights, partial):
     heads, n, r = codes.shape[0], codes.shape[1], slices.shape[0]
     groups = weights.shape[1]
     chunks = partial.shape[1]
-    for unit in numba.prange(heads * chunks):
+    for unit in range(heads * chunks):
         h, c = unit // chunks, unit % chunks
         centroid = np.empty(r, dtype=np.float32)
         for t in range(c * CHUNK, min((c + 1) * CHUNK, n)):
@@ -144,10 +147,11 @@ class CodedRowsKernels:
         self.slices = slice_arrays(bits)
         self.table = table.float().contiguous().numpy()
         self.starts = starts.to(torch.int32).contiguous().numpy()
-        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
     def _rows(self, codes: torch.Tensor, gains: torch.Tensor):
-        return _heads(codes.contiguous()), _heads(gains.float().squeeze(-1).contiguous())
+        # A store's live codes are a narrowed view of its buffer: merging batch and heads keeps it a view (numba
+        # reads the strides), where a contiguous copy would cost a pass over the codes per call.
+        return _heads(codes), _heads(gains.float().squeeze(-1).contiguous())
 
     def decode(self, codes, gains, scale) -> torch.Tensor:
         b, h, n = codes.shape[:3]
