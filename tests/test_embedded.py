@@ -26,6 +26,7 @@ pytestmark = pytest.mark.model
 
 # (seed, depth) of the pass-key prompts: the needle early, in the middle and late in a 3K-token haystack.
 PROMPTS = [(0, 0.5), (1, 0.25), (2, 0.75)]
+NEW_TOKENS = 8  # greedy tokens each pass-key answer gets
 
 
 @pytest.fixture(scope="module")
@@ -42,20 +43,29 @@ def _shared_cache_folder(cache_folder, monkeypatch):
     monkeypatch.setenv("OJAKV_CACHE_DIR", str(cache_folder))
 
 
-@pytest.fixture(scope="module")
-def smol(cache_folder):
+def _load(cache_folder, **options):
     patch = pytest.MonkeyPatch()
     patch.setenv("OJAKV_CACHE_DIR", str(cache_folder))
     try:
-        yield ojakv.load_model(progress=False)
+        return ojakv.load_model(progress=False, **options)
     finally:
         patch.undo()
+
+
+@pytest.fixture(scope="module")
+def smol(cache_folder):
+    return _load(cache_folder)
+
+
+@pytest.fixture(scope="module")
+def smol_bf16(cache_folder, smol):  # after smol: both load the one conversion
+    return _load(cache_folder, dtype=torch.bfloat16)
 
 
 def _answer(model, tokenizer, prompt: str, cache) -> str:
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
-        out = model.generate(**ids, **kv(cache), max_new_tokens=8, do_sample=False,
+        out = model.generate(**ids, **kv(cache), max_new_tokens=NEW_TOKENS, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True)
 
@@ -89,6 +99,34 @@ def test_make_cache_meets_a_budget_from_python(smol, method, budget):
     with ojakv.make_cache(model, method, budget=budget) as cache, torch.no_grad():  # sized when the prompt arrives
         model(**ids, **kv(cache))
     assert abs(cache.memory().ratio - budget) <= 0.03, cache.config
+
+
+# The recommended configuration (README): ojakv given only a budget, on a bfloat16 model. Its body is transform
+# coded; the same budget and layout with a rank-sized body (uniform 8-bit codes, the largest rank that fits)
+# misses each of these keys (the second test), so the first fails if the coded body is replaced by a rank-sized one.
+RECOMMENDED_SEEDS = (0, 1, 2)
+RANK_SIZED_BODY = dict(coef_bits=8, prefill_attention="full", eta_decode=0.0)
+
+
+def _answer_at_quarter_budget(model, tokenizer, seed: int, **knobs) -> tuple[str, str, float]:
+    """(completion, pass key, held ratio) of a 1,000-token pass-key prompt, ojakv at budget 0.25."""
+    prompt, key = passkey_prompt(tokenizer, 1000, seed=seed)
+    with ojakv.make_cache(model, "ojakv", budget=0.25, new_tokens=NEW_TOKENS, **knobs) as cache:
+        text = _answer(model, tokenizer, prompt, cache)
+    return text, key, cache.memory().ratio
+
+
+@pytest.mark.compat
+@pytest.mark.parametrize("seed", RECOMMENDED_SEEDS)
+def test_ojakv_given_only_a_budget_finds_the_pass_key_in_bfloat16(smol_bf16, seed):
+    text, key, held = _answer_at_quarter_budget(*smol_bf16, seed)
+    assert key in text and held <= 0.25
+
+
+@pytest.mark.parametrize("seed", RECOMMENDED_SEEDS)
+def test_a_rank_sized_body_at_the_same_budget_misses_those_pass_keys(smol_bf16, seed):
+    text, key, held = _answer_at_quarter_budget(*smol_bf16, seed, **RANK_SIZED_BODY)
+    assert key not in text and held <= 0.25
 
 
 def test_calibration_is_made_once_with_its_metadata(smol):
