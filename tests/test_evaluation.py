@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import time
+import threading
 
 import pytest
 import torch
@@ -204,21 +204,51 @@ def test_bench_reports_medians_and_ratios_to_full(model, tokenizer):
     full, compressed = records
     # At 512 tokens: 64 anchors (0.125) + half-rank body (0.44) + float32 bases and Oja statistics (0.125).
     assert full["held_bytes_vs_full"] == 1.0 and 0.65 < compressed["held_bytes_vs_full"] < 0.8
-    for key in ("prefill_s", "decode_ms_per_token", "held_bytes", "peak_bytes"):
-        assert key in compressed and compressed[key] >= 0
+    assert full["held_bytes"] == full["full_bytes"] == 2 * 2 * (512 + 4) * 64 * 4  # K and V, 2 layers, float32
+    for key in ("prefill_s", "decode_ms_per_token", "held_bytes", "peak_bytes"):  # medians of two runs, then ratios
+        assert compressed[f"{key}_vs_full"] == pytest.approx(compressed[key] / full[key])
+    assert full["prefill_s"] > 0 and full["decode_ms_per_token"] > 0  # both phases were timed
     assert "decode_ms_per_token_vs_full" in bench_table(records)
 
 
-def test_cpu_peak_memory_sees_what_a_block_allocates_even_after_an_earlier_block_freed_as_much():
-    from ojakv.evaluation.bench import PeakMemory
+def test_cpu_peak_memory_keeps_the_highest_resident_set_sampled_above_the_start(monkeypatch):
+    from ojakv.evaluation import bench
 
-    size = 64 * 2**20
+    resident, sampled_high = [100], threading.Event()
+
+    def fake_rss():
+        if resident[0] == 500:
+            sampled_high.set()
+        return resident[0]
+
+    monkeypatch.setattr(bench, "_rss", fake_rss)
+    with bench.PeakMemory(torch.device("cpu")) as peak:
+        resident[0] = 500  # a block allocates ...
+        assert sampled_high.wait(timeout=60)  # (the timeout only turns a stopped sampler into a failure)
+        resident[0] = 150  # ... and frees most of it before the block ends
+    assert peak.peak == 400
+
+
+def test_cpu_peak_memory_sees_what_a_block_allocates_even_after_an_earlier_block_freed_as_much(monkeypatch):
+    from ojakv.evaluation import bench
+
+    size, real_rss = 64 * 2**20, bench._rss
     for _ in range(2):  # the second block runs where the first one's memory was freed
-        with PeakMemory(torch.device("cpu")) as peak:
+        allocated = threading.Event()
+        with bench.PeakMemory(torch.device("cpu")) as peak:
+            base = peak.base
+            monkeypatch.setattr(bench, "_rss", lambda: _signal_at(real_rss(), base + 0.9 * size, allocated))
             block = torch.ones(size // 4)  # float32, every page written
-            time.sleep(0.05)  # a few samples of the resident set
+            seen = allocated.wait(timeout=60)  # the sampler read the grown resident set (or never will)
             del block
-        assert peak.peak >= 0.9 * size
+            monkeypatch.setattr(bench, "_rss", real_rss)
+        assert seen and peak.peak >= 0.9 * size
+
+
+def _signal_at(value: int, threshold: float, event: threading.Event) -> int:
+    if value >= threshold:
+        event.set()
+    return value
 
 
 def test_needle_grid_draws_a_heatmap(model, tokenizer, tmp_path):

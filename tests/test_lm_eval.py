@@ -100,13 +100,33 @@ def test_registered_for_lm_eval_and_wrapper_adds_the_task_folder():
     assert with_task_path(["--help"]) == ["--help"]
 
 
+# Each shipped task's headline metric: a choice, a generated answer, a rolling log-likelihood.
+LOCAL_METRICS = {"ojakv_recall": "acc,none", "ojakv_passkey": "exact_match,first_number",
+                 "ojakv_rolling": "word_perplexity,none"}
+
+
+def _local_run(lm) -> tuple[dict, dict]:
+    """Each local task's metric, and what the model answered per document: each choice's log-likelihood
+    (recall), the generated text (passkey), the document's log-likelihood (rolling)."""
+    run = simple_evaluate(model=lm, tasks=["ojakv_local"], limit=2, log_samples=True,
+                          task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False))
+    metrics = {task: run["results"][task][metric] for task, metric in LOCAL_METRICS.items()}
+    answers = {task: [doc["resps"] for doc in run["samples"][task]] for task in LOCAL_METRICS}
+    answers["ojakv_recall"] = [choice[0][0] for doc in answers["ojakv_recall"] for choice in doc]
+    answers["ojakv_rolling"] = [doc[0][0] for doc in answers["ojakv_rolling"]]
+    return metrics, answers
+
+
 def test_local_tasks_run_through_the_adapter(small, tokenizer):
-    adapter = _adapter(small, tokenizer, method="ojakv", rank_ratio=0.5)
-    results = simple_evaluate(model=adapter, tasks=["ojakv_local"], limit=2,
-                              task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False))["results"]
-    assert 0.0 <= results["ojakv_recall"]["acc,none"] <= 1.0
-    assert 0.0 <= results["ojakv_passkey"]["exact_match,first_number"] <= 1.0
-    assert torch.isfinite(torch.tensor(results["ojakv_rolling"]["word_perplexity,none"]))
+    plain, plain_answers = _local_run(HFLM(pretrained=small, tokenizer=tokenizer, batch_size=2))
+    full, full_answers = _local_run(_adapter(small, tokenizer, method="full"))
+    assert full == pytest.approx(plain, rel=1e-4)  # every task type scores as lm-eval's own HFLM does ...
+    assert full_answers["ojakv_passkey"] == plain_answers["ojakv_passkey"]  # ... from the same answers
+    for task in ("ojakv_recall", "ojakv_rolling"):
+        assert full_answers[task] == pytest.approx(plain_answers[task], abs=1e-3), task
+    compressed, _ = _local_run(_adapter(small, tokenizer, method="ojakv", rank_ratio=0.25, n_sink=4, n_recent=8))
+    assert torch.isfinite(torch.tensor(compressed["ojakv_rolling"]))
+    assert compressed["ojakv_rolling"] != pytest.approx(full["ojakv_rolling"], rel=1e-3)  # the cache compressed
 
 
 @pytest.mark.model
