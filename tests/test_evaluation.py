@@ -322,3 +322,7 @@ def test_the_bench_runs_each_method_in_the_configuration_a_budget_gives_it(model
     (unbudgeted,) = run_bench(model, tokenizer, [specs[1]], [512], repeats=1, decode_tokens=2, progress=False)
     assert unbudgeted["budget"] is None and unbudgeted["held_bytes"] > records[1]["held_bytes"]
     assert "| ojakv | 0.300 | 512 |" in bench_table(records)
+    (kivi,) = run_bench(model, tokenizer, [MethodSpec.parse("kivi")], [512], budgets=[0.05], repeats=1,
+                        decode_tokens=2, progress=False)
+    assert "the least it holds is" in kivi["unreachable"] and "decode_ms_per_token" not in kivi
+    assert "| kivi | 0.050 | 512 | unreachable |" in bench_table([kivi])

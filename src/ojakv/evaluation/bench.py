@@ -24,6 +24,7 @@ import torch
 
 from ..hf import cache_kwargs
 from ..data import essay_text
+from ..methods import UnreachableBudget
 from .runner import Cell, MethodSpec
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -123,12 +124,22 @@ def run_bench(model, tokenizer, specs: list[MethodSpec], lengths: list[int], *, 
         ids = torch.tensor([text_ids[:length]], device=device)
         _one_run(model, Cell(specs[0], None), ids[:, :64], 2)  # warm-up: kernels, allocator, lazy imports
         runs: dict[Cell, list[dict]] = {cell: [] for cell in cells}
+        unreachable: dict[Cell, str] = {}
         for repeat in range(repeats):
             for cell in cells if repeat % 2 == 0 else cells[::-1]:
-                runs[cell].append(_one_run(model, cell, ids, decode_tokens))
+                if cell in unreachable:
+                    continue
+                try:
+                    runs[cell].append(_one_run(model, cell, ids, decode_tokens))
+                except UnreachableBudget as error:  # e.g. kivi at 0.15: a row saying so, the other cells still run
+                    unreachable[cell] = str(error)
                 if progress:
                     print(f"  bench {_label(cell)} @ {length}: repeat {repeat + 1}/{repeats}", flush=True)
         for cell in cells:
+            if cell in unreachable:
+                records.append({"method": cell.spec.label, "budget": cell.budget, "length": length,
+                                "unreachable": unreachable[cell]})
+                continue
             summary = {key: median(run[key] for run in runs[cell]) for key in runs[cell][0]}
             records.append({"method": cell.spec.label, "budget": cell.budget, "length": length, "repeats": repeats,
                             **summary})
@@ -144,7 +155,7 @@ def _add_ratios(records: list[dict]) -> None:
     full = {r["length"]: r for r in records if r["method"] == "full"}
     for record in records:
         base = full.get(record["length"])
-        if base is None:
+        if base is None or "unreachable" in record:
             continue
         for key in ("prefill_s", "decode_ms_per_token", "held_bytes", "peak_bytes"):
             record[f"{key}_vs_full"] = record[key] / base[key] if base[key] else None
@@ -157,6 +168,8 @@ def bench_table(records: list[dict]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in records:
         cells = []
+        if "unreachable" in r:  # the method cannot hold this little: say so in the row
+            r = {**r, "prefill_s": "unreachable"}
         for c in columns:
             value = r.get(c)
             if value is None:
@@ -178,8 +191,8 @@ def plot_decode_time(records: list[dict], path) -> None:
     except ImportError:
         return
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for method, budget in sorted({(r["method"], r.get("budget") or 0.0) for r in records}):
-        points = sorted((r["length"], r["decode_ms_per_token"]) for r in records
+    for method, budget in sorted({(r["method"], r.get("budget") or 0.0) for r in records if "unreachable" not in r}):
+        points = sorted((r["length"], r["decode_ms_per_token"]) for r in records if "unreachable" not in r
                         if (r["method"], r.get("budget") or 0.0) == (method, budget))
         label = method if not budget else f"{method} @ {budget:g}"
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
