@@ -136,7 +136,6 @@ class CacheLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
     is_sliding = False
-    needs_positions = False  # set by layers that re-apply RoPE to stored keys
 
     def __init__(self, layer_idx: int, shared: SharedState):
         super().__init__()

@@ -229,7 +229,6 @@ class OjaKVLayer(CacheLayer):
         self.rank_k, self.rank_v = ranks
         self.init_bases = init_bases  # (U_k [h, d, d'], U_v [h, d, d']) from calibration, or None
         self.init_variances = init_variances  # per-token variances along those columns ([h, d'] each), or None
-        self.needs_positions = config.key_mode == "pre_rope"
         self.latent = config.attention == "latent"  # read by CompressedCache to route attention through ojakv
         self.k_sink = self.v_sink = self.k_win = self.v_win = None
         self.sink_target = 0
