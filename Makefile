@@ -1,5 +1,6 @@
 # Set-up in two commands on a fresh machine (Python >= 3.10 with venv):
-#   make demo   builds .venv from constraints.txt and runs the main job on the embedded model
+#   make demo   builds .venv from constraints.txt and runs the main job on the embedded model: the budget path
+#               README recommends (a quarter of a 16-bit cache), printing the layout it resolved to
 #   make test   builds .venv from constraints.txt and runs the test suite
 # `make compat` runs the fast compatibility subset on the lowest supported transformers and on the newest release
 # in the supported range, each in its own venv; CI (.ci/run) runs `make test compat`.
@@ -18,7 +19,7 @@ PIP_QUIET := --quiet --disable-pip-version-check
 .PHONY: demo test compat newest-venv constraints clean
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/ojakv generate --method ojakv --passkey 3000 --max-new-tokens 16
+	$(VENV)/bin/ojakv generate --method ojakv --dtype bfloat16 --budget 0.25 --passkey 3000 --max-new-tokens 16
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q

@@ -97,3 +97,33 @@ def test_a_knob_several_methods_share_shows_each_method_s_default():
         assert f"{default} for" in help_text and name in help_text
     assert "meaning per method" in help_text  # streaming-llm's window is kept tokens, snapkv's its observation
     assert "meaning per method" not in _knob_help(_knob_fields()["rank_ratio"])
+
+
+def _help(capsys, command: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # argparse wraps lines: compare words
+
+
+@pytest.mark.parametrize("command, flag", [("generate", "--budget "), ("eval", "--budgets ")])
+def test_budget_help_says_what_a_budget_sets_today(capsys, command, flag):
+    text = _help(capsys, command)
+    budget_help = text[text.rindex(flag):][:400]  # the option's own entry, after the usage line
+    # A budget used to set OjaKV's rank; it now sizes a transform-coded body (the rank only with coef_bits).
+    for stale in ("OjaKV's rank", "ojakv's rank", "OjaKV: the rank"):
+        assert stale not in text, f"`ojakv {command} --help` still says a budget sets {stale}"
+    assert "coded body" in budget_help  # argparse may break "transform-coded" at its hyphen
+
+
+def test_the_cli_prints_a_budget_warning_as_one_note(capsys):
+    import warnings
+
+    from ojakv.cli import _show_notes
+    from ojakv.methods import BudgetAboveCeiling
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = _show_notes(warnings.showwarning)
+        warnings.warn(BudgetAboveCeiling("ojakv can use at most 0.290 of the full cache"))
+    assert capsys.readouterr().err == "ojakv: note: ojakv can use at most 0.290 of the full cache\n"

@@ -119,7 +119,9 @@ def test_sweep_resumes_and_redoes_a_cut_record(model, tokenizer, tmp_path):
     rows = write_reports(tmp_path)
     assert (tmp_path / "summary.csv").read_text().splitlines()[0] == \
         "method,budget,task,length,placement,n,accuracy,ci_low,ci_high,held_ratio,vs_full,vs_full_p,vs_best," \
-        "vs_best_p,note"
+        "vs_best_p,layout,note"
+    layouts = {r["method"]: r["layout"] for r in rows}
+    assert layouts["full"] == "" and "body low-rank (model dtype)" in layouts["ojakv:init=prompt"]
     ppl = [r for r in rows if r["task"] == "ppl"]
     assert len(ppl) == 2 and all(r["accuracy"] > 1.0 for r in ppl)  # perplexities of a random model
     assert (tmp_path / "summary.md").exists()

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import re
 import sys
+import warnings
 
 import pytest
 import torch
 
 import ojakv
 from ojakv.hf import cache_kwargs
-from ojakv.methods import UnreachableBudget
+from ojakv.methods import BudgetAboveCeiling, UnreachableBudget
 from ojakv.methods import get_method, registered
 from ojakv.hf import geometry
 from tiny import tiny_model
@@ -161,15 +163,23 @@ def test_a_budget_is_a_cap_met_within_two_hundredths(method, budget):
     # The budget is resolved from the prompt's length when the cache sees it (make_cache(..., budget=)): never
     # more than 0.02 over it, and within 0.02 of it where the method's sizes come in fine steps.
     try:
-        ratio = _ratio_after(method, dict(budget=budget, new_tokens=16, **CALIBRATION_FREE.get(method, {})))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", BudgetAboveCeiling)
+            ratio = _ratio_after(method, dict(budget=budget, new_tokens=16, **CALIBRATION_FREE.get(method, {})))
     except UnreachableBudget as unreachable:
         assert method in DISCRETE and "the least it holds is" in str(unreachable)
         return
+    above_ceiling = [str(w.message) for w in caught if issubclass(w.category, BudgetAboveCeiling)]
     assert ratio <= budget + 0.02, ratio
     if method in CEILING and ratio < budget - 0.02:
         assert ratio == pytest.approx(_ratio_after(method, dict(budget=1.0, new_tokens=16)), abs=1e-9)
+        # The Python API says so (as the CLI does), naming the ceiling it holds.
+        assert len(above_ceiling) == 1, above_ceiling
+        named = float(re.search(r"can use at most ([0-9.]+) of the full cache", above_ceiling[0]).group(1))
+        assert named == pytest.approx(ratio, abs=0.01)
     elif method not in DISCRETE:
         assert ratio >= budget - 0.02, ratio
+        assert not above_ceiling, above_ceiling
 
 
 @pytest.mark.parametrize("method", ["ojakv", "ojakv-pf"])

@@ -23,6 +23,7 @@ import torch
 from .errors import OjaKVError
 from .hf import (AttentionInputs, CacheLayerMixin, HookedCache, attach, cache_keyword, cache_kwargs,
                  describe_installed, geometry, rotary_embedding, sliding_windows)
+from .layout import RESOLVED_AT_PREFILL, Terms, describe, merge_terms
 from .memory import MemoryReport, nbytes
 from .rope import Rotation
 from .storage import GrowableTensor
@@ -135,7 +136,6 @@ class CacheLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
     is_sliding = False
-    needs_positions = False  # set by layers that re-apply RoPE to stored keys
 
     def __init__(self, layer_idx: int, shared: SharedState):
         super().__init__()
@@ -188,6 +188,11 @@ class CacheLayer(CacheLayerMixin):
     def segments(self) -> dict[str, int]:
         """Bytes held per named segment (e.g. ``anchors``, ``body``, ``bases``)."""
         raise NotImplementedError
+
+    def layout(self) -> Terms:
+        """How this layer holds tokens, as named terms (``ojakv.layout``); none by default, when the method's
+        knobs say it all."""
+        return {}
 
     def full_bytes(self) -> int:
         """Bytes a full cache would hold for this layer's tokens: keys and values, in the model's dtype."""
@@ -419,9 +424,24 @@ class CompressedCache(HookedCache):
             self.shared.end_forward()  # nothing computed for this step outlives it
         return out
 
+    def layout(self) -> Terms:
+        """The configuration this cache resolved to (``ojakv.layout``): its layers' terms merged, numbers
+        averaged over layers; or, for a method without such terms, its knobs. A budgeted cache knows it only
+        once it has seen the prompt."""
+        if self._plan_for_prompt is not None:
+            return dict(RESOLVED_AT_PREFILL)
+        terms = merge_terms([layer.layout() for layer in self.layers if not layer.is_sliding])
+        return terms or {name: value for name, value in self.config.items() if value is not None}
+
+    def describe(self) -> str:
+        """``layout()`` as one line, after the method's name: what ``ojakv generate`` and ``memory()`` show."""
+        terms = self.layout()
+        return f"{self.method}: {describe(terms)}" if terms else self.method
+
     def memory(self) -> MemoryReport:
         return MemoryReport(
             full_bytes=sum(layer.full_bytes() for layer in self.layers),
             per_layer=[layer.segments() for layer in self.layers],
             shared=self.shared.memory(),
+            layout=self.describe(),
         )

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from .atomic import atomic_path
@@ -95,8 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true",
                      help="do not wrap --prompt/--prompt-file in the model's chat template (pass-key prompts are plain)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--budget", type=float, help="held bytes / full-cache bytes to aim for (sets the method's "
-                     "size knob: OjaKV's rank, SnapKV's capacity, ...)")
+    gen.add_argument("--budget", type=float, help="held bytes / full-cache bytes to aim for, set when the prompt is "
+                     "seen: the method's size knobs (ojakv: a transform-coded body's bits per coordinate and its "
+                     "anchors, as ojakv-tc; its rank only with --coef-bits; SnapKV's capacity, ...). The output "
+                     "names the layout it resolved to")
     gen.add_argument("--seed", type=int, default=0, help="seed for the pass-key prompt")
     gen.add_argument("--json", type=Path, dest="json_out", help="write completion, config and memory here")
     _add_knob_flags(gen)
@@ -114,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated method specs; knobs after a colon, joined by '+': "
                          "ojakv:key_mode=post_rope+policy=residual")
     ev.add_argument("--budgets", default="", help="held-bytes budgets, e.g. 0.6,0.4,0.25 (methods that can map "
-                    "a budget to their knobs; empty: run each method with its own knobs)")
+                    "a budget to their knobs: ojakv to a transform-coded body, as ojakv-tc; summary.csv's layout "
+                    "column says what each resolved to; empty: run each method with its own knobs)")
     ev.add_argument("--tasks", default="passkey", help="tasks or suites: passkey, ruler, niah_single_1..3, ppl, shift "
                     "(context shift: essays, then a next turn of noise, code or numbers holding the pass key, fed in "
                     "chunks; ppl and shift run with the question after only)")
@@ -166,13 +170,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"generate": _generate, "calibrate": _calibrate, "eval": _eval, "bench": _bench,
                     "fidelity": _fidelity, "methods": _methods, "models": _models}
-        return commands[args.command](args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_notes(warnings.showwarning)
+            return commands[args.command](args)
     except OjaKVError as exc:
         print(f"ojakv: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ojakv: interrupted", file=sys.stderr)
         return 130
+
+
+def _show_notes(show):
+    """A ``warnings.showwarning`` printing the library's budget warnings as one ``ojakv: note:`` line each (the
+    Python API warns the same), and any other warning as ``show`` does."""
+    from .methods import BudgetAboveCeiling
+
+    def showwarning(message, category, *args, **kwargs):
+        if issubclass(category, BudgetAboveCeiling):
+            print(f"ojakv: note: {message}", file=sys.stderr)
+        else:
+            show(message, category, *args, **kwargs)
+
+    return showwarning
 
 
 def _methods(args) -> int:
@@ -389,16 +409,17 @@ def _generate(args) -> int:
     print(completion)
     if expected is not None:
         print(f"\n[pass key expected: {expected}; found: {'yes' if expected in completion else 'no'}]")
-    print(f"\nKV cache after {cache.get_seq_length()} tokens, method {args.method}:")
+    print(f"\nKV cache after {cache.get_seq_length()} tokens:")
     print(report.table())
     from .methods import BUDGET_TOLERANCE
 
-    if args.budget is not None and abs(report.ratio - args.budget) > BUDGET_TOLERANCE:
+    # Holding less than asked is warned of when the budget is sized (BudgetAboveCeiling); more is a floor missed.
+    if args.budget is not None and report.ratio - args.budget > BUDGET_TOLERANCE:
         print(f"ojakv: note: {args.method} holds {report.ratio:.2f} of the full cache, not --budget {args.budget}: "
               f"its fixed parts ({_fixed_parts(cache.config)}) set a floor; lower them or raise --budget", file=sys.stderr)
     if args.json_out:
         record = {"completion": completion, "method": args.method, "model": args.model,
-                  "config": cache.config, "prompt_tokens": n_prompt, "memory": report.to_dict()}
+                  "config": cache.config, "layout": cache.layout(), "prompt_tokens": n_prompt, "memory": report.to_dict()}
         if expected is not None:
             record["expected"] = expected
             record["correct"] = expected in completion

@@ -26,6 +26,7 @@ class MemoryReport:
     full_bytes: int
     per_layer: list[dict[str, int]]
     shared: dict[str, int] = field(default_factory=dict)
+    layout: str = ""  # what the cache resolved to (``CompressedCache.describe``)
 
     @property
     def segments(self) -> dict[str, int]:
@@ -50,14 +51,16 @@ class MemoryReport:
             "ratio": self.ratio,
             "segments": self.segments,
             "per_layer": self.per_layer,
+            "layout": self.layout,
         }
 
     def table(self) -> str:
-        """A small human-readable table: totals first, then each segment's share of the full cache."""
+        """A small human-readable table: the layout, totals, then each segment's share of the full cache."""
         rows = [("full cache", self.full_bytes), ("held", self.held_bytes)]
         rows += [(f"  {name}", size) for name, size in sorted(self.segments.items(), key=lambda kv: -kv[1])]
         width = max(len(name) for name, _ in rows)
-        lines = [f"{'segment':<{width}}  {'bytes':>14}  {'MiB':>9}  {'of full':>8}"]
+        lines = [f"layout: {self.layout}"] if self.layout else []
+        lines.append(f"{'segment':<{width}}  {'bytes':>14}  {'MiB':>9}  {'of full':>8}")
         for name, size in rows:
             share = size / self.full_bytes if self.full_bytes else 0.0
             lines.append(f"{name:<{width}}  {size:>14,}  {size / 2**20:>9.2f}  {share:>8.3f}")

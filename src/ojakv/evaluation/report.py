@@ -9,10 +9,11 @@ from collections import defaultdict
 from pathlib import Path
 from statistics import mean
 
+from ..layout import describe, merge_terms
 from .stats import NOISE_P, mean_interval, sign_test, wilson
 
 COLUMNS = ["method", "budget", "task", "length", "placement", "n", "accuracy", "ci_low", "ci_high", "held_ratio",
-           "vs_full", "vs_full_p", "vs_best", "vs_best_p", "note"]
+           "vs_full", "vs_full_p", "vs_best", "vs_best_p", "layout", "note"]
 BUDGET_TOLERANCE = 0.02
 GROUP = ("method", "budget", "task", "length", "placement")
 
@@ -29,7 +30,7 @@ def _records(samples_path: Path) -> list[dict]:
 
 def summarise(samples_path: Path) -> list[dict]:
     """One row per (method, budget, task, length, placement): mean score with its 95% interval, mean measured
-    held ratio, and paired comparisons with the full cache and with the best method at the same budget.
+    held ratio, the layout the caches resolved to (numbers averaged over the samples), and paired comparisons with the full cache and with the best method at the same budget.
 
     ``accuracy`` is the mean string-match score (Wilson interval), or the perplexity for the ``ppl`` task (normal
     interval of the mean; lower is better). ``vs_full`` / ``vs_best`` are differences in accuracy, with the exact
@@ -50,7 +51,7 @@ def _row(key: tuple, records: list[dict]) -> dict:
     method, budget, task, length, placement = key
     row = {"method": method, "budget": "" if budget is None else budget, "task": task, "length": length,
            "placement": placement, "n": 0, "accuracy": "", "ci_low": "", "ci_high": "", "held_ratio": "",
-           "vs_full": "", "vs_full_p": "", "vs_best": "", "vs_best_p": "", "note": "", "_scores": {}}
+           "vs_full": "", "vs_full_p": "", "vs_best": "", "vs_best_p": "", "layout": "", "note": "", "_scores": {}}
     measured = [r for r in records if "unreachable" not in r]
     if not measured:
         row["note"] = records[0]["unreachable"]
@@ -62,7 +63,7 @@ def _row(key: tuple, records: list[dict]) -> dict:
     if budget is not None and abs(ratio - budget) > BUDGET_TOLERANCE:
         row["note"] = f"held {ratio:.3f} misses budget {budget} (the method cannot reach it with its knobs)"
     row.update(n=len(scores), accuracy=round(accuracy, 4), ci_low=round(low, 4), ci_high=round(high, 4),
-               held_ratio=round(ratio, 4), _scores={(r["index"], r.get("query", 0)): r["score"] for r in measured})
+               held_ratio=round(ratio, 4), layout=describe(merge_terms([r.get("layout", {}) for r in measured])), _scores={(r["index"], r.get("query", 0)): r["score"] for r in measured})
     return row
 
 

@@ -27,5 +27,5 @@ from .architecture import (
 from .attention import is_latent_enabled, post_body, take_posted_body
 from .compat import INSTALLED, SUPPORTED_RANGE, cache_argument, cache_keyword, cache_kwargs, describe_installed
 from .generation import stop_when
-from .hooks import attach, is_attached
+from .hooks import attach
 from .protocol import AttentionInputs, Cache, CacheLayerMixin, HookedCache

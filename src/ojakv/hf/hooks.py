@@ -69,10 +69,6 @@ def attach(model, *, latent_attention: bool = False) -> Callable[[], None]:
     return release
 
 
-def is_attached(model) -> bool:
-    return model in _ATTACHED
-
-
 def _install(model) -> list:
     modules = attention_modules(model)
     handles = [base_model(model).register_forward_pre_hook(_model_pre_hook(modules), with_kwargs=True)]

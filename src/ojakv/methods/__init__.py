@@ -21,12 +21,19 @@ BUDGET_TOLERANCE = 0.02  # a method may hold this much more than a budget (its k
 @dataclass(frozen=True)
 class Sizing:
     """What a method's ``for_budget`` finds: its size knobs for a budget, the held ratio they are predicted to
-    give, and the least this method can hold for the prompt (``floor``), with what sets that floor."""
+    give, the least this method can hold for the prompt (``floor``), with what sets that floor, and the most its
+    size knobs can use (``ceiling``, with what sets it; None where that is the whole cache or near it)."""
 
     knobs: dict
     predicted: float
     floor: float
     floor_reason: str = "its fixed parts"
+    ceiling: float | None = None
+    ceiling_reason: str = ""
+
+
+class BudgetAboveCeiling(UserWarning):
+    """A budget above what a method's size knobs can use: the cache holds less than asked."""
 
 
 def largest_within(settings, ratio: Callable[[Any], float], budget: float):
@@ -135,7 +142,20 @@ def knobs_for_budget(name: str, knobs: dict, model, prompt_tokens: int, new_toke
         raise UnreachableBudget(
             f"{name} cannot hold {budget} of the full cache for {prompt_tokens} + {new_tokens} tokens: the least it "
             f"holds is {whole(sizing.floor):.3f} ({reason}); use a budget of at least {whole(sizing.floor):.2f}")
+    if sizing.ceiling is not None and whole(sizing.ceiling) < budget - BUDGET_TOLERANCE:
+        warn_above_ceiling(name, budget, whole(sizing.ceiling), sizing.ceiling_reason,
+                           f"{prompt_tokens} + {new_tokens} tokens")
     return {**knobs, **sizing.knobs}
+
+
+def warn_above_ceiling(name: str, budget: float, ceiling: float, reason: str, tokens: str) -> None:
+    """The one warning for a budget a method cannot use (the Python API and the CLI both show it)."""
+    import warnings
+
+    warnings.warn(BudgetAboveCeiling(
+        f"{name} can use at most {ceiling:.3f} of the full cache for {tokens} ({reason}), so it holds that, not "
+        f"the budget {budget}"),
+        stacklevel=3)
 
 
 def sliding_share(model, tokens: int) -> float:

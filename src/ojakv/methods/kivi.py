@@ -108,7 +108,8 @@ def _for_budget(knobs, geometry, prompt_tokens, new_tokens, dtype_bytes, budget)
 
     bits = largest_within(SUPPORTED_BITS, ratio, budget)
     return Sizing({"bits": bits}, ratio(bits), ratio(min(SUPPORTED_BITS)),
-                  f"{min(SUPPORTED_BITS)}-bit codes, scales per group of {g} and {r} full-precision recent tokens")
+                  f"{min(SUPPORTED_BITS)}-bit codes, scales per group of {g} and {r} full-precision recent tokens",
+                  ratio(max(SUPPORTED_BITS)), f"{max(SUPPORTED_BITS)}-bit codes")
 
 
 register(Method(name="kivi", summary="2/4-bit asymmetric quantization (keys per channel, values per token), packed",

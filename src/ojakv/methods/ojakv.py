@@ -40,7 +40,8 @@ from ..rope import Rotation
 from ..quantize import SUPPORTED_BITS
 from ..storage import CodedRows, GrowableTensor, QuantizedRows, growth_slack
 from ..subspace import change_of_basis, covariance, eigh_descending, oja_step, rank_for_energy
-from ..transform_coding import GAIN_BYTES, MAX_BITS, Int8Basis, coder_for, fitted_allocation, ordered_allocation
+from ..transform_coding import (GAIN_BYTES, MAX_BITS, Int8Basis, TransformCodedRows, coder_for, fitted_allocation,
+                                ordered_allocation)
 from . import Method, Sizing, knob, largest_within, register
 
 KEY_MODES = ("pre_rope", "post_rope")
@@ -228,7 +229,6 @@ class OjaKVLayer(CacheLayer):
         self.rank_k, self.rank_v = ranks
         self.init_bases = init_bases  # (U_k [h, d, d'], U_v [h, d, d']) from calibration, or None
         self.init_variances = init_variances  # per-token variances along those columns ([h, d'] each), or None
-        self.needs_positions = config.key_mode == "pre_rope"
         self.latent = config.attention == "latent"  # read by CompressedCache to route attention through ojakv
         self.k_sink = self.v_sink = self.k_win = self.v_win = None
         self.sink_target = 0
@@ -514,6 +514,46 @@ class OjaKVLayer(CacheLayer):
         return segments
 
 
+    # --- description ----------------------------------------------------------------------------------------
+    def layout(self) -> dict:
+        """Body coding, its bits per coordinate (a row's bits over head_dim, keys and values averaged) and rank,
+        anchors, whether the bases move and how the prompt attends: with a budget or an energy, the rank and
+        bits follow the prompt's spectrum, so they are known once the prompt is in."""
+        config = self.config
+        terms = {"body": _body_coding(config)}
+        if self.u_k is not None:
+            d = self.shared.geometry.head_dim
+            terms["bits per coordinate"] = (self._row_bits(self.k_coef, self.rank_k)
+                                            + self._row_bits(self.v_coef, self.rank_v)) / (2 * d)
+        if self.rank_k is not None:
+            terms["rank"] = (self.rank_k + self.rank_v) / 2
+        else:
+            terms["rank"] = "resolved at prefill"
+        terms["anchors"] = f"{config.n_sink} + {config.n_recent}"
+        terms["bases"] = _basis_motion(config)
+        terms["prefill"] = config.prefill_attention
+        return terms
+
+    def _row_bits(self, store, rank: int) -> int:
+        """Bits one body row holds: its codes, without the per-row gain or scales."""
+        if isinstance(store, TransformCodedRows):
+            return sum(store.bits)
+        return rank * (self.config.coef_bits or torch.finfo(self.dtype).bits)
+
+
+def _body_coding(config: OjaKVConfig) -> str:
+    if config.body_bits:
+        return "transform-coded"
+    return f"low-rank ({config.coef_bits}-bit codes)" if config.coef_bits else "low-rank (model dtype)"
+
+
+def _basis_motion(config: OjaKVConfig) -> str:
+    """Whether the bases move while decoding (and in what precision they are held)."""
+    if config.eta_decode > 0:
+        return f"move (Oja every {config.update_interval} tokens)"
+    return "fixed (int8)" if config.body_bits else "fixed"
+
+
 def _basis_tensors(basis) -> tuple:
     return basis.buffers if isinstance(basis, Int8Basis) else (basis,)
 
@@ -611,7 +651,8 @@ def budget_to_rank(config_class: type):
 
         best = largest_within(range(1, geometry.head_dim + 1), ratio, budget)
         return Sizing({"rank": best, "rank_ratio": None, "energy": None}, ratio(best), ratio(1),
-                      "rank 1, plus the full-precision anchors and window, bases and Oja statistics")
+                      "rank 1, plus the full-precision anchors and window, bases and Oja statistics",
+                      ratio(geometry.head_dim), f"the full rank {geometry.head_dim}")
 
     return for_budget
 

@@ -20,6 +20,7 @@ body too few bits (``ANCHOR_LADDER``). Knobs the user gives stay as given.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -61,7 +62,8 @@ def transform_coded_budget(config_class: type, defaults: dict):
         steps = [round(k * BITS_STEP * 64 / d, 6) for k in range(1, math.floor(MAX_BITS / BITS_STEP * d / 64) + 1)]
         best = largest_within(steps, ratio, budget)
         return Sizing({**chosen, "body_bits": best}, ratio(best), ratio(steps[0]),
-                      "1 bit per token, plus the full-precision anchors and window")
+                      "1 bit per token, plus the full-precision anchors and window",
+                      ratio(steps[-1]), f"a body of {MAX_BITS} bits per coordinate")
 
     return for_budget
 
@@ -87,8 +89,8 @@ def anchored_coded_budget(knobs, *args) -> Sizing:
         sizing = _CODED_BODY({**knobs, **anchors}, *args)
         if sizing.knobs["body_bits"] >= MIN_BODY_BITS:
             break
-    return Sizing({**sizing.knobs, **anchors}, sizing.predicted, sizing.floor,
-                  f"1 bit per token, plus {n} + {n} full-precision anchors and window")
+    return dataclasses.replace(sizing, knobs={**sizing.knobs, **anchors},
+                               floor_reason=f"1 bit per token, plus {n} + {n} full-precision anchors and window")
 
 
 def ojakv_budget(knobs, *args) -> Sizing:

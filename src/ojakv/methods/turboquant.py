@@ -339,7 +339,8 @@ def _for_budget(knobs, geometry, prompt_tokens, new_tokens, dtype_bytes, budget)
         return held_bytes(config, d, heads, n, dtype_bytes) / (2 * n * d * dtype_bytes * heads)
 
     bits = largest_within(sorted(BITS, key=ratio), ratio, budget)
-    return Sizing({"bits": bits}, ratio(bits), min(map(ratio, BITS)), "the narrowest codes, norms and rotations")
+    return Sizing({"bits": bits}, ratio(bits), min(map(ratio, BITS)), "the narrowest codes, norms and rotations",
+                  max(map(ratio, BITS)), "the widest codes")
 
 
 register(Method(name="turboquant",
