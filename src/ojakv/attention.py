@@ -131,9 +131,7 @@ def _body_scores(grouped: torch.Tensor, body: LowRankBody) -> torch.Tensor:
     if body.key_angles is None:  # post-RoPE: score in the subspace
         scores = body.key_coef.dot(grouped @ body.key_basis)
     else:
-        scores = body.key_coef.rotated_dot(grouped, body.key_basis, body.key_angles)
-        if scores is None:
-            scores = _rebuilt_scores(grouped, body)
+        scores = _rebuilt_scores(grouped, body)
     if body.exact_index is not None:
         index = body.exact_index.unsqueeze(2).expand(-1, -1, grouped.shape[2], -1)
         scores = scores.scatter(-1, index, grouped @ body.exact_keys.float().transpose(-1, -2))
@@ -141,10 +139,10 @@ def _body_scores(grouped: torch.Tensor, body: LowRankBody) -> torch.Tensor:
 
 
 def _rebuilt_scores(grouped: torch.Tensor, body: LowRankBody) -> torch.Tensor:
-    """q·k for pre-RoPE body keys, rebuilt and rotated ``KEY_CHUNK`` tokens at a time (a bounded temporary)."""
-    coef = body.key_coef.view
+    """q·k for pre-RoPE body keys, decoded, rebuilt and rotated ``KEY_CHUNK`` tokens at a time (bounded
+    temporaries: no float copy of the whole body is made)."""
     spans = [(s, min(s + KEY_CHUNK, body.length)) for s in range(0, body.length, KEY_CHUNK)]
-    parts = [grouped @ _rebuilt_keys(coef[:, :, s:e], body, s, e).transpose(-1, -2) for s, e in spans]
+    parts = [grouped @ _rebuilt_keys(body.key_coef.span(s, e), body, s, e).transpose(-1, -2) for s, e in spans]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 

@@ -43,11 +43,9 @@ class RowReads:
         """Σ_t weights[..., t] · row_t: weights [b, h, G, n] → [b, h, G, r] float32."""
         return weights.float() @ self.view.float()
 
-    def rotated_dot(self, queries: torch.Tensor, basis: torch.Tensor, rotation) -> torch.Tensor | None:
-        """queries [b, h, G, d] · RoPE(basis [b, h, d, r] · row_t) [b, h, G, n] for rows of keys coded before RoPE,
-        by a fused path that never holds the rebuilt keys; None where there is none (``ojakv.attention`` then
-        rebuilds them a chunk at a time)."""
-        return None
+    def span(self, start: int, end: int) -> torch.Tensor:
+        """Rows [start, end) along the token axis, [b, h, end − start, r] (decoded where the store holds codes)."""
+        return self.view[:, :, start:end]
 
 
 class GrowableTensor(RowReads):
@@ -140,6 +138,9 @@ class CodedRows(RowReads):
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """Decoded rows ``index`` [b, h, k] only, [b, h, k, r] float32."""
         return self.decode(*(buffer.rows(index) for buffer in self._growable))
+
+    def span(self, start: int, end: int) -> torch.Tensor:
+        return self.decode(*(buffer.view[:, :, start:end] for buffer in self._growable))
 
     @property
     def _growable(self) -> list[GrowableTensor]:

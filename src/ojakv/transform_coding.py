@@ -188,13 +188,6 @@ class TransformCodedRows(CodedRows):
             return super().dot(queries)
         return kernels.dot(self.codes.view, self.gains.view, self.scale, queries)
 
-    def rotated_dot(self, queries, basis, rotation):
-        kernels = self._kernels()
-        if kernels is None or not self.length:
-            return None
-        return kernels.rotated_dot(self.codes.view, self.gains.view, self.scale, queries, basis, rotation.cos,
-                                   rotation.sin)
-
     def weighted_sum(self, weights: torch.Tensor) -> torch.Tensor:
         kernels = self._kernels()
         if kernels is None or not self.length:

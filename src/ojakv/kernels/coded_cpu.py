@@ -4,11 +4,11 @@ A row t of a head is g_t · σ ⊙ centroid[code_t]: packed mixed-width codes, a
 one codebook table. The kernels read each row's bytes once and never write a float copy of the context:
 
 - ``decode``: the rows as float32 (what ``TransformCodedRows.view`` gives; for callers that need them, e.g. keys
-  that must be rotated to their own positions);
+  coded before RoPE, which ``ojakv.attention`` rebuilds and rotates a chunk at a time: measured on 2 cores at 4K,
+  decoding a chunk here and rebuilding it with PyTorch's matmul took 3.9 ms a layer where one fused numba kernel
+  (decode, rebuild, rotate, score per token) took 6.0 ms, its multiply-adds running at ~8 GMAC/s against MKL's);
 - ``dot``: queries · rows, [G, r] × [n, r] → [G, n], a row's coefficients multiplied into every query as it is
   decoded (queries pre-scaled by σ, the gain applied once per row);
-- ``rotated_dot``: queries · RoPE_t(U · row_t) for keys coded before RoPE: each row is rebuilt through the basis,
-  rotated to its token's position and multiplied into every query in registers, never stored;
 - ``weighted_sum``: Σ_t w_t · row_t, [G, n] × [n, r] → [G, r], accumulating w_t · g_t · centroid per
   coefficient and scaling by σ once at the end.
 
@@ -93,37 +93,6 @@ def _dot(first, last, codes, gains, scale, table, starts, slices, queries, out):
                 out[h, g, t] = total * gains[h, t]
 
 
-@numba.njit(cache=True, nogil=True, fastmath=True)
-def _rotated_dot(first, last, codes, gains, scale, table, starts, slices, basis_t, cos, sin, angle_heads, queries,
-                 out):
-    """basis_t [heads, r, d]; cos / sin [angle sets, n, rotary] with rotate_half's sign folded into sin, set
-    ``h // angle_heads`` serving head h (one set per sequence, or one per head)."""
-    heads, n, r = codes.shape[0], codes.shape[1], slices.shape[0]
-    d, groups, rotary = basis_t.shape[2], queries.shape[1], cos.shape[2]
-    half = rotary // 2
-    chunks = (n + CHUNK - 1) // CHUNK
-    for unit in range(first, last):
-        h, start = unit // chunks, unit % chunks * CHUNK
-        a = h // angle_heads
-        centroid = np.empty(r, dtype=np.float32)
-        key = np.empty(d, dtype=np.float32)
-        for t in range(start, min(start + CHUNK, n)):
-            _centroids(codes[h, t], slices, starts, table, centroid)
-            key[:] = 0.0
-            for j in range(r):
-                c = centroid[j] * scale[h, j]
-                for i in range(d):
-                    key[i] += basis_t[h, j, i] * c
-            for g in range(groups):
-                total = np.float32(0.0)
-                for i in range(half):
-                    total += queries[h, g, i] * (key[i] * cos[a, t, i] + key[i + half] * sin[a, t, i])
-                    total += queries[h, g, i + half] * (key[i + half] * cos[a, t, i + half] + key[i] * sin[a, t, i + half])
-                for i in range(rotary, d):
-                    total += queries[h, g, i] * key[i]
-                out[h, g, t] = total * gains[h, t]
-
-
 @numba.njit(cache=True, nogil=True)
 def _weighted_sum(first, last, codes, gains, table, starts, slices, weights, partial):
     heads, n, r = codes.shape[0], codes.shape[1], slices.shape[0]
@@ -196,18 +165,6 @@ class CodedRowsKernels:
         rows, gain = self._rows(codes, gains)
         _run(_dot, b * h, n, rows, gain, self._scale(scale), self.table, self.starts, self.slices,
              _heads(queries.float().contiguous()), _heads(out))
-        return out
-
-    def rotated_dot(self, codes, gains, scale, queries, basis, cos, sin) -> torch.Tensor:
-        """queries [b, h, G, d] · RoPE(basis [b, h, d, r] · rows [b, h, n, r]) → [b, h, G, n] float32, with the
-        rows' angles ``cos`` / ``sin`` [b, 1 or h, n, rotary] (sin folded as ``ojakv.rope.Rotation`` holds it)."""
-        b, h, n = codes.shape[:3]
-        out = torch.empty(b, h, queries.shape[2], n, dtype=torch.float32)
-        rows, gain = self._rows(codes, gains)
-        angle_heads = h // cos.shape[1]  # heads sharing one set of angles
-        _run(_rotated_dot, b * h, n, rows, gain, self._scale(scale), self.table, self.starts, self.slices,
-             _heads(basis.float().transpose(-1, -2).contiguous()), _heads(cos.float().contiguous()),
-             _heads(sin.float().contiguous()), angle_heads, _heads(queries.float().contiguous()), _heads(out))
         return out
 
     def weighted_sum(self, codes, gains, scale, weights: torch.Tensor) -> torch.Tensor:
