@@ -12,17 +12,15 @@ one codebook table. The kernels read each row's bytes once and never write a flo
 - ``weighted_sum``: Σ_t w_t · row_t, [G, n] × [n, r] → [G, r], accumulating w_t · g_t · centroid per
   coefficient and scaling by σ once at the end.
 
-Work is split in (sequence × head, chunk of tokens) units over as many threads as PyTorch uses, by a plain thread
-pool (the kernels release the GIL), with ``weighted_sum``'s sums per chunk added afterwards. Not numba's parallel
-loops: their OpenMP pool made every small PyTorch op of the step several times slower (measured on 2 cores: a
-3×64×64 matmul 15 µs → 100 µs after a parallel kernel), its idle threads spinning against PyTorch's. Arithmetic is float32 with float32 accumulation, as the
-reference's matmuls; only the order of additions differs.
+The kernels run on the calling thread. numba's parallel loops were tried: their OpenMP pool made every small
+PyTorch op of the step several times slower (measured on 2 cores: a 3×64×64 matmul 15 µs → 100 µs after a
+parallel kernel), its idle threads spinning against PyTorch's; a plain thread pool slowed them too on the loaded
+machine. Work is laid out per (sequence × head, chunk of tokens) all the same, ``weighted_sum`` summing per chunk,
+so a split over threads stays a small change to measure again. Arithmetic is float32 with float32 accumulation,
+as the reference's matmuls; only the order of additions differs.
 """
 
 from __future__ import annotations
-
-import concurrent.futures
-import os
 
 import numba
 import numpy as np
@@ -30,10 +28,7 @@ import torch
 
 from ..quantize import mixed_slices
 
-CHUNK = 256  # tokens per unit of parallel work
-# Threads a kernel call uses (0: as many as PyTorch). One by default: on 2 busy cores, a second kernel thread slowed
-# the PyTorch ops around it more than it saved (measure again with OJAKV_KERNEL_THREADS on a quiet machine).
-THREADS = int(os.environ.get("OJAKV_KERNEL_THREADS", "1"))
+CHUNK = 256  # tokens per unit of work (a weighted sum's partial sums are per unit)
 MAX_SLICES = 4  # binary digits of a width of at most 8 bits
 
 
@@ -60,10 +55,10 @@ def _centroids(row, slices, starts, table, out):
 
 
 @numba.njit(cache=True, nogil=True)
-def _decode(first, last, codes, gains, scale, table, starts, slices, out):
+def _decode(codes, gains, scale, table, starts, slices, out):
     heads, n, r = codes.shape[0], codes.shape[1], slices.shape[0]
     chunks = (n + CHUNK - 1) // CHUNK
-    for unit in range(first, last):
+    for unit in range(heads * chunks):
         h, start = unit // chunks, unit % chunks * CHUNK
         centroid = np.empty(r, dtype=np.float32)
         for t in range(start, min(start + CHUNK, n)):
@@ -73,11 +68,11 @@ def _decode(first, last, codes, gains, scale, table, starts, slices, out):
 
 
 @numba.njit(cache=True, nogil=True)
-def _dot(first, last, codes, gains, scale, table, starts, slices, queries, out):
+def _dot(codes, gains, scale, table, starts, slices, queries, out):
     heads, n, r = codes.shape[0], codes.shape[1], slices.shape[0]
     groups = queries.shape[1]
     chunks = (n + CHUNK - 1) // CHUNK
-    for unit in range(first, last):
+    for unit in range(heads * chunks):
         h, start = unit // chunks, unit % chunks * CHUNK
         scaled = np.empty((groups, r), dtype=np.float32)
         for g in range(groups):
@@ -94,11 +89,11 @@ def _dot(first, last, codes, gains, scale, table, starts, slices, queries, out):
 
 
 @numba.njit(cache=True, nogil=True)
-def _weighted_sum(first, last, codes, gains, table, starts, slices, weights, partial):
+def _weighted_sum(codes, gains, table, starts, slices, weights, partial):
     heads, n, r = codes.shape[0], codes.shape[1], slices.shape[0]
     groups = weights.shape[1]
     chunks = partial.shape[1]
-    for unit in range(first, last):
+    for unit in range(heads * chunks):
         h, c = unit // chunks, unit % chunks
         centroid = np.empty(r, dtype=np.float32)
         for t in range(c * CHUNK, min((c + 1) * CHUNK, n)):
@@ -108,25 +103,6 @@ def _weighted_sum(first, last, codes, gains, table, starts, slices, weights, par
                 if w != 0.0:
                     for j in range(r):
                         partial[h, c, g, j] += w * centroid[j]
-
-
-_pool: concurrent.futures.ThreadPoolExecutor | None = None
-
-
-def _run(kernel, heads: int, tokens: int, *args) -> None:
-    """``kernel(first, last, *args)`` over the units (head, chunk of tokens), split across ``THREADS`` threads:
-    the calling thread takes the first share, pool threads (idle ones sleep) the others; the kernels
-    release the GIL."""
-    global _pool
-    units = heads * -(-tokens // CHUNK)
-    threads = max(1, min(THREADS or torch.get_num_threads(), units))
-    bounds = [units * i // threads for i in range(threads + 1)]
-    if threads > 1 and (_pool is None or _pool._max_workers < threads - 1):
-        _pool = concurrent.futures.ThreadPoolExecutor(threads - 1, thread_name_prefix="ojakv-kernel")
-    others = [_pool.submit(kernel, bounds[i], bounds[i + 1], *args) for i in range(1, threads)]
-    kernel(bounds[0], bounds[1], *args)
-    for other in others:
-        other.result()
 
 
 def _heads(x: torch.Tensor) -> np.ndarray:
@@ -155,7 +131,7 @@ class CodedRowsKernels:
         b, h, n = codes.shape[:3]
         out = torch.empty(b, h, n, len(self.slices), dtype=torch.float32)
         rows, gain = self._rows(codes, gains)
-        _run(_decode, b * h, n, rows, gain, self._scale(scale), self.table, self.starts, self.slices, _heads(out))
+        _decode(rows, gain, self._scale(scale), self.table, self.starts, self.slices, _heads(out))
         return out
 
     def dot(self, codes, gains, scale, queries: torch.Tensor) -> torch.Tensor:
@@ -163,8 +139,8 @@ class CodedRowsKernels:
         b, h, n = codes.shape[:3]
         out = torch.empty(b, h, queries.shape[2], n, dtype=torch.float32)
         rows, gain = self._rows(codes, gains)
-        _run(_dot, b * h, n, rows, gain, self._scale(scale), self.table, self.starts, self.slices,
-             _heads(queries.float().contiguous()), _heads(out))
+        _dot(rows, gain, self._scale(scale), self.table, self.starts, self.slices, _heads(queries.float().contiguous()),
+             _heads(out))
         return out
 
     def weighted_sum(self, codes, gains, scale, weights: torch.Tensor) -> torch.Tensor:
@@ -173,6 +149,6 @@ class CodedRowsKernels:
         chunks = -(-n // CHUNK)
         partial = torch.zeros(b, h, chunks, weights.shape[2], len(self.slices), dtype=torch.float32)
         rows, gain = self._rows(codes, gains)
-        _run(_weighted_sum, b * h, n, rows, gain, self.table, self.starts, self.slices,
-             _heads(weights.float().contiguous()), _heads(partial))
+        _weighted_sum(rows, gain, self.table, self.starts, self.slices, _heads(weights.float().contiguous()),
+                      _heads(partial))
         return partial.sum(2) * scale.float().unsqueeze(2)
