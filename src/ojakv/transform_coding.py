@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from .kernels import kernels_enabled
+from .kernels import coded_rows_kernels, kernels_enabled
 from .quantize import codebook, codebook_distortion, mixed_bytes, pack_mixed, packed_bytes, unpack_mixed
 from .storage import CodedRows, GrowableTensor
 
@@ -200,11 +200,7 @@ class TransformCodedRows(CodedRows):
         if not kernels_enabled() or self.table.device.type != "cpu":
             return None
         if self._cpu_kernels is None:
-            try:
-                from .kernels.coded_cpu import CodedRowsKernels
-            except ImportError:
-                return None
-            self._cpu_kernels = CodedRowsKernels(self.bits, self.table, self.starts)
+            self._cpu_kernels = coded_rows_kernels(self.bits, self.table, self.starts)
         return self._cpu_kernels
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

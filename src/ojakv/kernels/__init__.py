@@ -8,6 +8,7 @@ test the reference; a fast path whose library is missing (numba) is skipped the 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 _enabled = os.environ.get("OJAKV_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
@@ -15,6 +16,23 @@ _enabled = os.environ.get("OJAKV_KERNELS", "1").strip().lower() not in ("0", "fa
 
 def kernels_enabled() -> bool:
     return _enabled
+
+
+@functools.lru_cache(maxsize=1)
+def _coded_cpu():
+    """``ojakv.kernels.coded_cpu``, or None without numba: tried once, not at every decode step."""
+    try:
+        from . import coded_cpu
+    except ImportError:
+        return None
+    return coded_cpu
+
+
+def coded_rows_kernels(bits, table, starts):
+    """The CPU kernels for a transform-coded store (``coded_cpu.CodedRowsKernels``), or None where numba is
+    missing."""
+    module = _coded_cpu()
+    return None if module is None else module.CodedRowsKernels(bits, table, starts)
 
 
 @contextlib.contextmanager
