@@ -419,7 +419,8 @@ def _generate(args) -> int:
               f"its fixed parts ({_fixed_parts(cache.config)}) set a floor; lower them or raise --budget", file=sys.stderr)
     if args.json_out:
         record = {"completion": completion, "method": args.method, "model": args.model,
-                  "config": cache.config, "layout": cache.layout(), "prompt_tokens": n_prompt, "memory": report.to_dict()}
+                  "config": cache.config, "layout": cache.layout(), "prompt_tokens": n_prompt,
+                  "memory": report.to_dict()}
         if expected is not None:
             record["expected"] = expected
             record["correct"] = expected in completion

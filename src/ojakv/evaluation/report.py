@@ -30,7 +30,8 @@ def _records(samples_path: Path) -> list[dict]:
 
 def summarise(samples_path: Path) -> list[dict]:
     """One row per (method, budget, task, length, placement): mean score with its 95% interval, mean measured
-    held ratio, the layout the caches resolved to (numbers averaged over the samples), and paired comparisons with the full cache and with the best method at the same budget.
+    held ratio, the layout the caches resolved to (numbers averaged over the samples), and paired comparisons with
+    the full cache and with the best method at the same budget.
 
     ``accuracy`` is the mean string-match score (Wilson interval), or the perplexity for the ``ppl`` task (normal
     interval of the mean; lower is better). ``vs_full`` / ``vs_best`` are differences in accuracy, with the exact
@@ -63,7 +64,8 @@ def _row(key: tuple, records: list[dict]) -> dict:
     if budget is not None and abs(ratio - budget) > BUDGET_TOLERANCE:
         row["note"] = f"held {ratio:.3f} misses budget {budget} (the method cannot reach it with its knobs)"
     row.update(n=len(scores), accuracy=round(accuracy, 4), ci_low=round(low, 4), ci_high=round(high, 4),
-               held_ratio=round(ratio, 4), layout=describe(merge_terms([r.get("layout", {}) for r in measured])), _scores={(r["index"], r.get("query", 0)): r["score"] for r in measured})
+               held_ratio=round(ratio, 4), layout=describe(merge_terms([r.get("layout", {}) for r in measured])),
+               _scores={(r["index"], r.get("query", 0)): r["score"] for r in measured})
     return row
 
 

@@ -306,7 +306,8 @@ def _unreachable(cell: Cell, context: Context, query: int, reason: Exception) ->
 def _base_record(spec, budget, task, length, placement, index, cache, seconds) -> dict:
     report = cache.memory()
     return {"method": spec.label, "budget": budget, "task": task, "length": length, "placement": placement,
-            "index": index, "knobs": cache.config, "layout": cache.layout(), "held_bytes": report.held_bytes, "full_bytes": report.full_bytes,
+            "index": index, "knobs": cache.config, "layout": cache.layout(), "held_bytes": report.held_bytes,
+            "full_bytes": report.full_bytes,
             "held_ratio": report.ratio, "seconds": round(seconds, 3)}
 
 
