@@ -1,13 +1,14 @@
 """Speed and memory, every method side by side with the full cache in the same run.
 
-Methods run with their own knobs or, given ``budgets``, at each budget in the configuration it gives them (the
-knobs ``knobs_for_budget`` sets when the cache sees the prompt, as ``ojakv eval --budgets`` runs them); ``full``
-runs once, unbudgeted. For each context length, repeats interleave the methods (so drift in machine load hits
-them alike). Each run times the prefill and ``decode_tokens`` greedy decode steps, reads the cache's held bytes, and tracks peak
-memory: max allocated on CUDA; on CPU the process's resident set, sampled by a thread every millisecond, above
-what it was before the run. Before each CPU run, memory freed by earlier runs is handed back to the system
+Methods run with their own knobs or, given ``budgets``, at each budget in the configuration it gives them (the knobs
+``knobs_for_budget`` sets when the cache sees the prompt, as ``ojakv eval --budgets`` runs them); ``full`` runs
+once, unbudgeted. For each context length, repeats interleave the methods (so drift in machine load hits them
+alike). Each run times the prefill and ``decode_tokens`` greedy decode steps, reads the cache's held bytes, and
+tracks peak memory: max allocated on CUDA; on CPU the process's resident set, sampled by a thread every millisecond,
+above what it was before the run. Before each CPU run, memory freed by earlier runs is handed back to the system
 (``malloc_trim`` where the C library has it): otherwise a run could reuse pages an earlier one left resident and
-look smaller than it is, or find them gone and look larger. Reported figures are medians over repeats, with ratios to the full cache.
+look smaller than it is, or find them gone and look larger. Reported figures are medians over repeats, with ratios
+to the full cache.
 """
 
 from __future__ import annotations
